@@ -1,0 +1,13 @@
+"""peft_bayes: Bayesian and fast parameter-efficient fine-tuning on top of HuggingFace PEFT.
+
+Importing this package checks the installed PEFT version and registers the package's tuner types with PEFT.
+"""
+
+from peft_bayes import registry
+from peft_bayes.errors import InputError
+
+__version__ = "0.1.0"
+
+registry.check_peft_version()
+
+__all__ = ["InputError", "__version__", "registry"]

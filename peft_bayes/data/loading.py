@@ -1,0 +1,150 @@
+"""Loading instruction data in the LLM-Adapters schema and turning it into token ids.
+
+A record is ``{"instruction": str, "input": str, "output": str, "answer": str}``: ``output`` is the training
+target (often a rationale), ``answer`` the gold label used at evaluation time. ``input`` may be empty; ``answer``
+is optional for training data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from peft_bayes.errors import InputError
+
+TRAIN_FIELDS = ("instruction", "output")
+EVAL_FIELDS = ("instruction", "answer")
+
+
+def _read_json_records(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise InputError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
+                return rows
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):  # {"data": [...]} wrappers
+        data = data["data"]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
+    return data
+
+
+def _load_hub(name: str, split: str) -> list[Any]:
+    # Imported here: `datasets` is slow to import and only needed for Hub names.
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many types; the message is what matters to the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"dataset {name!r} is neither a local file nor a loadable Hub dataset: {first}") from None
+    return [dict(r) for r in ds]
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub names are "name" or "owner/name"; anything else with a file suffix or a path prefix is a local path.
+    return source.endswith((".json", ".jsonl")) or source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str = "train") -> list[dict[str, str]]:
+    """Loads and validates a list of records.
+
+    Args:
+        source: A local ``.json`` / ``.jsonl`` file, a directory holding ``test.json`` (or ``train.json``), or a
+            Hugging Face Hub dataset name (loaded with ``datasets.load_dataset``).
+        required: Fields every record must have as strings (``instruction`` and ``output`` for training,
+            ``instruction`` and ``answer`` for evaluation).
+        split: Split to take from a Hub dataset.
+
+    Returns:
+        The records as dicts with string values; ``input`` defaults to ``""``.
+
+    Raises:
+        InputError: the file is missing or malformed, a record lacks a field, or there are no records.
+    """
+    if os.path.isdir(source):
+        for candidate in ("test.json", "train.json"):
+            if os.path.isfile(os.path.join(source, candidate)):
+                source = os.path.join(source, candidate)
+                break
+        else:
+            raise InputError(f"{source}: directory has neither test.json nor train.json")
+    if os.path.isfile(source):
+        rows = _read_json_records(source)
+    elif _looks_like_path(source):
+        raise InputError(f"{source}: no such data file")
+    else:
+        rows = _load_hub(source, split)
+    if not rows:
+        raise InputError(f"{source}: the dataset is empty")
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{source}: record {i} is a JSON {type(row).__name__}, expected an object")
+        missing = [k for k in required if k not in row or row[k] is None]
+        if missing:
+            raise InputError(f"{source}: record {i} lacks the field(s) {', '.join(missing)}")
+        rec = {k: ("" if v is None else str(v)) for k, v in row.items() if isinstance(v, (str, int, float)) or v is None}
+        rec.setdefault("input", "")
+        records.append(rec)
+    return records
+
+
+def split_train_val(records: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffles with ``seed`` and holds out ``val_set_size`` records (LLM-Adapters' ``train_test_split``)."""
+    import random
+
+    if val_set_size <= 0:
+        return list(records), []
+    if val_set_size >= len(records):
+        raise InputError(f"--val_set_size {val_set_size} leaves no training data (the dataset has {len(records)})")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val = [records[i] for i in order[:val_set_size]]
+    train = [records[i] for i in order[val_set_size:]]
+    return train, val
+
+
+def tokenize_record(
+    record: dict[str, str],
+    tokenizer,
+    prompter,
+    cutoff_len: int,
+    train_on_inputs: bool = True,
+) -> dict[str, list[int]]:
+    """Token ids, attention mask and labels for one training record.
+
+    The full text is ``prompt + output`` followed by EOS (when it fits in ``cutoff_len``). With
+    ``train_on_inputs=False`` the prompt tokens get label ``-100`` so the loss covers the response only.
+    """
+    prompt = prompter.generate_prompt(record["instruction"], record.get("input"))
+    full = prompter.generate_prompt(record["instruction"], record.get("input"), record["output"])
+    ids = _encode(tokenizer, full, cutoff_len)
+    labels = list(ids)
+    if not train_on_inputs:
+        n_prompt = len(_encode(tokenizer, prompt, cutoff_len, add_eos=False))
+        labels[:n_prompt] = [-100] * min(n_prompt, len(labels))
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _encode(tokenizer, text: str, cutoff_len: int, add_eos: bool = True) -> list[int]:
+    ids = tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
+        ids = ids + [eos]
+    return ids
