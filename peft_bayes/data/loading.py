@@ -99,7 +99,9 @@ def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str
         missing = [k for k in required if k not in row or row[k] is None]
         if missing:
             raise InputError(f"{source}: record {i} lacks the field(s) {', '.join(missing)}")
-        rec = {k: ("" if v is None else str(v)) for k, v in row.items() if isinstance(v, (str, int, float)) or v is None}
+        rec = {
+            k: ("" if v is None else str(v)) for k, v in row.items() if isinstance(v, (str, int, float)) or v is None
+        }
         rec.setdefault("input", "")
         records.append(rec)
     return records

@@ -1,0 +1,57 @@
+"""Helpers shared by the three scripts: one-line errors, atomic writes, flag types."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+
+from peft_bayes.errors import InputError
+
+
+def str2bool(value: str | bool) -> bool:
+    """Argparse type for LLM-Adapters-style boolean flags (``--train_on_inputs False``)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise InputError(f"expected a boolean (true/false), got {value!r}")
+
+
+def comma_list(value: str) -> list[str]:
+    """``"q_proj,v_proj"`` or ``"[q_proj, v_proj]"`` (LLM-Adapters' fire syntax) → ``["q_proj", "v_proj"]``."""
+    value = value.strip().strip("[]")
+    return [v.strip().strip("'\"") for v in value.split(",") if v.strip().strip("'\"")]
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON to a temp file beside ``path`` and renames it over ``path``: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Runs a script's ``main``; bad input becomes ``error: <one line>`` on stderr and exit status 2."""
+    try:
+        return int(main(argv) or 0)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

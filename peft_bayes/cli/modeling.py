@@ -1,0 +1,114 @@
+"""Loading base models and tokenizers for the scripts: local paths or Hub ids, optional 8-bit / 4-bit bases."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from peft_bayes.errors import InputError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Maps a flag value such as ``"bf16"`` or ``"float32"`` to a torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InputError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}") from None
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_model_source(path: str, what: str) -> None:
+    # Hub ids are "name" or "owner/name"; anything that looks like a filesystem path must exist.
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise InputError(f"{what} {path!r} not found: no such directory")
+
+
+def _hub_error(path: str, what: str, err: Exception) -> InputError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return InputError(f"{what} {path!r} could not be loaded (not a model directory, and the Hub said: {first})")
+
+
+def quantization_config(
+    load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True
+):
+    """A ``BitsAndBytesConfig`` for ``--load_8bit`` / ``--load_4bit`` (QLoRA's NF4 + double quantisation)."""
+    if load_8bit and load_4bit:
+        raise InputError("--load_8bit and --load_4bit are mutually exclusive")
+    if not (load_8bit or load_4bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant_type not in ("nf4", "fp4"):
+        raise InputError(f"--bnb_4bit_quant_type must be nf4 or fp4, got {quant_type!r}")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "left"):
+    """Loads a tokenizer and makes sure it can pad (pad = unk, else eos, when the tokenizer has no pad token)."""
+    from transformers import AutoTokenizer
+
+    _check_model_source(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(path, "tokenizer", err) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_base_model(
+    path: str,
+    *,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    dtype: torch.dtype | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    trust_remote_code: bool = False,
+):
+    """Loads a causal LM. Quantised bases are placed on this process' GPU (``LOCAL_RANK``) when there is one."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_source(path, "base model")
+    compute_dtype = dtype or torch.float32
+    qconfig = quantization_config(load_8bit, load_4bit, compute_dtype, quant_type, double_quant)
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype or "auto"}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": local_rank()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(path, "base model", err) from None
+    if model.config.pad_token_id is None and model.generation_config.eos_token_id is not None:
+        eos = model.generation_config.eos_token_id
+        model.config.pad_token_id = eos if isinstance(eos, int) else eos[0]
+    return model

@@ -1,0 +1,314 @@
+"""train.py: fine-tune a causal LM with any adapter, LLM-Adapters / alpaca-lora style, on ``transformers.Trainer``.
+
+Flags and defaults follow LLM-Adapters' ``finetune.py`` so its command lines run unchanged. Everything that can be
+wrong with the input (data, model path, adapter name, target modules, batch sizes) is checked before anything is
+written, so a failed run leaves an existing ``--output_dir`` as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+
+from peft_bayes.cli import adapters
+from peft_bayes.cli.common import comma_list, str2bool, write_json_atomic
+from peft_bayes.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--base_model", required=True, help="local model directory or Hub id")
+    g.add_argument("--data_path", default="yahma/alpaca-cleaned", help="JSON/JSONL file, folder or Hub dataset")
+    g.add_argument("--output_dir", default="./lora-alpaca")
+    g.add_argument("--prompt_template", default="alpaca", help="shipped template name or a template JSON file")
+    g.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
+    g.add_argument("--load_8bit", type=str2bool, nargs="?", const=True, default=False, help="int8 base")
+    g.add_argument("--load_4bit", type=str2bool, nargs="?", const=True, default=False, help="4-bit (QLoRA) base")
+    g.add_argument("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"])
+    g.add_argument("--bnb_4bit_double_quant", type=str2bool, default=True, help="quantise the quantisation constants")
+    g.add_argument(
+        "--bnb_4bit_compute_dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16, bf16"
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=128, help="global batch size (all processes, all micro-steps)")
+    g.add_argument("--micro_batch_size", type=int, default=4, help="per-process batch per forward pass")
+    g.add_argument("--num_epochs", type=float, default=3)
+    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
+    g.add_argument("--learning_rate", type=float, default=3e-4)
+    g.add_argument("--warmup_steps", type=int, default=100)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--cutoff_len", type=int, default=256, help="max tokens per example (longer ones are cut)")
+    g.add_argument("--val_set_size", type=int, default=2000, help="examples held out for validation (0: none)")
+    g.add_argument("--eval_step", type=int, default=200)
+    g.add_argument("--save_step", type=int, default=200)
+    g.add_argument("--save_total_limit", type=int, default=3)
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument(
+        "--train_on_inputs",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="if false, the prompt is masked out of the loss (labels -100)",
+    )
+    g.add_argument("--group_by_length", type=str2bool, nargs="?", const=True, default=False)
+    g.add_argument("--use_gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False)
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint-N folder (full resume) or an adapter folder (weights only)",
+    )
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="mixed precision; auto = bf16 on a GPU that has it, else fp32",
+    )
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--report_to", default="none", help="transformers reporting integrations (e.g. wandb)")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--adapter_name", default="lora", help="one of: " + ", ".join(adapters.ADAPTERS))
+    g.add_argument(
+        "--target_modules",
+        type=comma_list,
+        default=None,
+        help="comma-separated module names; default: per-architecture table (README)",
+    )
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--oft_block_size", type=int, default=32)
+    g.add_argument("--num_virtual_tokens", type=int, default=30)
+    g.add_argument("--encoder_hidden_size", type=int, default=128, help="p-tuning prompt encoder width")
+    return p
+
+
+def check_args(args: argparse.Namespace, world: int) -> int:
+    """Validates sizes; returns the gradient accumulation steps = batch_size / micro_batch_size / world size."""
+    if args.micro_batch_size <= 0 or args.batch_size <= 0:
+        raise InputError("--batch_size and --micro_batch_size must be positive")
+    if args.batch_size % args.micro_batch_size:
+        raise InputError(f"--micro_batch_size {args.micro_batch_size} does not divide --batch_size {args.batch_size}")
+    steps = args.batch_size // args.micro_batch_size
+    if steps % world:
+        raise InputError(
+            f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} = {steps} "
+            f"micro-batches is not divisible by the {world} processes"
+        )
+    if args.cutoff_len < 8:
+        raise InputError(f"--cutoff_len must be at least 8, got {args.cutoff_len}")
+    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
+        raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such directory")
+    adapters.adapter_spec(args.adapter_name)
+    return steps // world
+
+
+def _precision(args: argparse.Namespace) -> tuple[bool, bool]:
+    import torch
+
+    if args.precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bf16, False
+    if args.precision != "fp32" and not torch.cuda.is_available():
+        raise InputError(f"--precision {args.precision} needs a GPU; use fp32 on CPU")
+    return args.precision == "bf16", args.precision == "fp16"
+
+
+def prepare_data(args, tokenizer):
+    """Loads, splits and tokenizes the data (no files written)."""
+    from peft_bayes.data import Prompter, load_records, split_train_val, tokenize_record
+
+    prompter = Prompter.from_name(args.prompt_template)
+    records = load_records(args.data_path)
+    train, val = split_train_val(records, args.val_set_size, args.seed)
+
+    def tok(rs):
+        return [tokenize_record(r, tokenizer, prompter, args.cutoff_len, args.train_on_inputs) for r in rs]
+
+    return tok(train), tok(val)
+
+
+def load_model(args):
+    """Base model + tokenizer + attached adapter, all validated."""
+    import torch
+
+    from peft_bayes.cli.modeling import load_base_model, load_tokenizer, parse_dtype
+
+    if args.bnb_4bit_compute_dtype == "auto":
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    else:
+        compute = parse_dtype(args.bnb_4bit_compute_dtype)
+    tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, padding_side="left")
+    quantized = args.load_8bit or args.load_4bit
+    model = load_base_model(
+        args.base_model,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        dtype=compute if quantized else None,
+        quant_type=args.bnb_4bit_quant_type,
+        double_quant=args.bnb_4bit_double_quant,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.use_gradient_checkpointing)
+    elif args.use_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def _training_arguments(args, accum: int, total_steps: int, has_val: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    bf16, fp16 = _precision(args)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    steps_kw = (
+        {"eval_strategy": "steps", "eval_steps": args.eval_step, "load_best_model_at_end": True}
+        if has_val
+        else {"eval_strategy": "no"}
+    )
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(args.warmup_steps, max(total_steps - 1, 0)),
+        weight_decay=args.weight_decay,
+        bf16=bf16,
+        fp16=fp16,
+        logging_steps=args.logging_steps,
+        optim="adamw_torch",
+        save_strategy="steps",
+        save_steps=args.save_step,
+        save_total_limit=args.save_total_limit,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        report_to=[] if args.report_to == "none" else comma_list(args.report_to),
+        seed=args.seed,
+        data_seed=args.seed,
+        ddp_find_unused_parameters=False if distributed else None,
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **steps_kw,
+    )
+
+
+def _total_steps(args, n_train: int, accum: int, world: int) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(math.ceil(n_train / (args.micro_batch_size * world)) // accum, 1)
+    return max(int(math.ceil(per_epoch * args.num_epochs)), 1)
+
+
+def _load_adapter_weights(model, folder: str) -> None:
+    """LLM-Adapters' resume from a bare adapter folder: weights only, schedule restarts."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    try:
+        weights = load_peft_weights(folder, device="cpu")
+    except Exception as err:  # a folder without adapter weights, a foreign format, ...
+        raise InputError(f"--resume_from_checkpoint {folder!r} holds no adapter weights ({err})") from None
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise InputError(
+            f"--resume_from_checkpoint {folder!r} does not fit this adapter: unexpected weights "
+            f"{result.unexpected_keys[:3]}"
+        )
+
+
+def save_final(model, tokenizer, args, extra: dict) -> None:
+    """Adapter (safetensors) + adapter_config.json + tokenizer + resolved arguments, moved in file by file."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".final-", dir=args.output_dir)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(os.path.join(staging, "train_args.json"), {**vars(args), **extra})
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(args.output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peft_bayes.cli.modeling import local_rank, world_size
+
+    args = build_parser().parse_args(argv)
+    world = world_size()
+    accum = check_args(args, world)
+    model, tokenizer = load_model(args)
+    train_data, val_data = prepare_data(args, tokenizer)
+    total = _total_steps(args, len(train_data), accum, world)
+    peft_config = adapters.build_peft_config(args, model.config.model_type, total)
+    model = adapters.attach_adapter(model, peft_config)
+    if args.resume_from_checkpoint and not os.path.isfile(
+        os.path.join(args.resume_from_checkpoint, "trainer_state.json")
+    ):
+        _load_adapter_weights(model, args.resume_from_checkpoint)
+    if local_rank() == 0:
+        model.print_trainable_parameters()
+        print(
+            f"adapter {args.adapter_name}: targets {_targets_of(peft_config)}; {len(train_data)} train / "
+            f"{len(val_data)} val examples; {total} optimizer steps; grad accumulation {accum} x {world} process(es)"
+        )
+    trainer = _make_trainer(args, model, tokenizer, train_data, val_data, accum, total)
+    full_resume = (
+        args.resume_from_checkpoint
+        if args.resume_from_checkpoint
+        and os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json"))
+        else None
+    )
+    result = trainer.train(resume_from_checkpoint=full_resume)
+    if trainer.is_world_process_zero():
+        save_final(
+            model,
+            tokenizer,
+            args,
+            {
+                "world_size": world,
+                "gradient_accumulation_steps": accum,
+                "optimizer_steps": trainer.state.global_step,
+                "target_modules_resolved": _targets_of(peft_config),
+                "train_loss": result.training_loss,
+                "n_train": len(train_data),
+                "n_val": len(val_data),
+            },
+        )
+        print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
+    return 0
+
+
+def _targets_of(peft_config) -> list[str] | None:
+    targets = getattr(peft_config, "target_modules", None)
+    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+
+
+def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total):
+    from transformers import DataCollatorForSeq2Seq
+
+    from peft_bayes.cli.trainer import AdaLoraCallback, PeftBayesTrainer
+
+    model.config.use_cache = False
+    trainer = PeftBayesTrainer(
+        model=model,
+        args=_training_arguments(args, accum, total, bool(val_data)),
+        train_dataset=train_data,
+        eval_dataset=val_data or None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+    )
+    if args.adapter_name == "adalora":
+        trainer.add_callback(AdaLoraCallback(model))
+    return trainer
