@@ -1,0 +1,30 @@
+# Quick start: `make demo` (train -> evaluate -> generate on a tiny built-in model), `make test`.
+PY ?= python3
+DEMO_DIR ?= demo_run
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-dev demo test lint bench clean
+
+# torch==2.13.0 first: it is the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
+install:
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+
+install-dev:
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+
+demo: install
+	@start=$$(date +%s); \
+	$(PY) -m peft_bayes.cli.demo $(DEMO_DIR) && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+test: install-dev
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install-dev
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(DEMO_DIR) build dist *.egg-info
