@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise InputError("--batch_size, --max_new_tokens and --num_beams must be positive")
     name, path = resolve_dataset(args)
-    records = load_records(path, required=("instruction", "answer"))[: args.limit]
+    records = load_records(path, required=("instruction", "answer"), split="test")[: args.limit]
     task = TASKS[name] if name in TASKS else infer_task(records, name)
     prompter = Prompter.from_name(args.prompt_template)
     model, tokenizer = load_eval_model(args)

@@ -199,6 +199,10 @@ def _training_arguments(args, accum: int, total_steps: int, has_val: bool):
         data_seed=args.seed,
         ddp_find_unused_parameters=False if distributed else None,
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        # use_cpu makes accelerate treat a torchrun launch without GPUs as MULTI_CPU (DDP over gloo), not as
+        # independent processes; pin_memory only helps with an accelerator.
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         **steps_kw,
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     world = world_size()
     accum = check_args(args, world)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before the adapter is created: its initial weights come from this seed
     model, tokenizer = load_model(args)
     train_data, val_data = prepare_data(args, tokenizer)
     total = _total_steps(args, len(train_data), accum, world)

@@ -56,6 +56,15 @@ def _load_hub(name: str, split: str) -> list[Any]:
     return [dict(r) for r in ds]
 
 
+def _as_text(value) -> str:
+    # JSON true/false become "true"/"false" (boolq's labels), not Python's "True"/"False".
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _looks_like_path(source: str) -> bool:
     # Hub names are "name" or "owner/name"; anything else with a file suffix or a path prefix is a local path.
     return source.endswith((".json", ".jsonl")) or source.startswith(("/", ".", "~")) or source.count("/") > 1
@@ -69,7 +78,7 @@ def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str
             Hugging Face Hub dataset name (loaded with ``datasets.load_dataset``).
         required: Fields every record must have as strings (``instruction`` and ``output`` for training,
             ``instruction`` and ``answer`` for evaluation).
-        split: Split to take from a Hub dataset.
+        split: Split to take from a Hub dataset, and the file preferred in a directory (``<split>.json``).
 
     Returns:
         The records as dicts with string values; ``input`` defaults to ``""``.
@@ -78,7 +87,7 @@ def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str
         InputError: the file is missing or malformed, a record lacks a field, or there are no records.
     """
     if os.path.isdir(source):
-        for candidate in ("test.json", "train.json"):
+        for candidate in (f"{split}.json", "train.json", "test.json"):
             if os.path.isfile(os.path.join(source, candidate)):
                 source = os.path.join(source, candidate)
                 break
@@ -99,9 +108,10 @@ def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str
         missing = [k for k in required if k not in row or row[k] is None]
         if missing:
             raise InputError(f"{source}: record {i} lacks the field(s) {', '.join(missing)}")
-        rec = {
-            k: ("" if v is None else str(v)) for k, v in row.items() if isinstance(v, (str, int, float)) or v is None
-        }
+        bad = [k for k in required if not isinstance(row[k], (str, int, float))]
+        if bad:
+            raise InputError(f"{source}: record {i} field {bad[0]!r} is a {type(row[bad[0]]).__name__}, expected text")
+        rec = {k: _as_text(v) for k, v in row.items() if isinstance(v, (str, int, float)) or v is None}
         rec.setdefault("input", "")
         records.append(rec)
     return records
