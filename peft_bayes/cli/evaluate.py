@@ -64,13 +64,14 @@ def load_eval_model(args):
     import torch
     from peft import PeftModel
 
-    from peft_bayes.cli.modeling import load_base_model, load_tokenizer
+    from peft_bayes.cli.modeling import check_model_source, load_base_model, load_tokenizer
 
     tok_source = (
         args.adapter
         if args.adapter and os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json"))
         else args.base_model
     )
+    check_model_source(args.base_model, "base model")
     tokenizer = load_tokenizer(tok_source, args.trust_remote_code, padding_side="left")
     model = load_base_model(
         args.base_model, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code

@@ -34,7 +34,8 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _check_model_source(path: str, what: str) -> None:
+def check_model_source(path: str, what: str) -> None:
+    """Raises InputError when ``path`` looks like a local path (not a Hub id) and is not a directory."""
     # Hub ids are "name" or "owner/name"; anything that looks like a filesystem path must exist.
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
@@ -72,7 +73,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     """Loads a tokenizer and makes sure it can pad (pad = unk, else eos, when the tokenizer has no pad token)."""
     from transformers import AutoTokenizer
 
-    _check_model_source(path, "tokenizer")
+    check_model_source(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -96,7 +97,7 @@ def load_base_model(
     """Loads a causal LM. Quantised bases are placed on this process' GPU (``LOCAL_RANK``) when there is one."""
     from transformers import AutoModelForCausalLM
 
-    _check_model_source(path, "base model")
+    check_model_source(path, "base model")
     compute_dtype = dtype or torch.float32
     qconfig = quantization_config(load_8bit, load_4bit, compute_dtype, quant_type, double_quant)
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype or "auto"}

@@ -120,30 +120,32 @@ def _precision(args: argparse.Namespace) -> tuple[bool, bool]:
     return args.precision == "bf16", args.precision == "fp16"
 
 
-def prepare_data(args, tokenizer):
-    """Loads, splits and tokenizes the data (no files written)."""
-    from peft_bayes.data import Prompter, load_records, split_train_val, tokenize_record
+def load_data(args):
+    """Loads and splits the records and the prompt template: all data errors surface before the model loads."""
+    from peft_bayes.data import Prompter, load_records, split_train_val
 
     prompter = Prompter.from_name(args.prompt_template)
-    records = load_records(args.data_path)
-    train, val = split_train_val(records, args.val_set_size, args.seed)
+    train, val = split_train_val(load_records(args.data_path, split="train"), args.val_set_size, args.seed)
+    return prompter, train, val
 
-    def tok(rs):
-        return [tokenize_record(r, tokenizer, prompter, args.cutoff_len, args.train_on_inputs) for r in rs]
 
-    return tok(train), tok(val)
+def tokenize_all(records, tokenizer, prompter, args) -> list[dict]:
+    from peft_bayes.data import tokenize_record
+
+    return [tokenize_record(r, tokenizer, prompter, args.cutoff_len, args.train_on_inputs) for r in records]
 
 
 def load_model(args):
     """Base model + tokenizer + attached adapter, all validated."""
     import torch
 
-    from peft_bayes.cli.modeling import load_base_model, load_tokenizer, parse_dtype
+    from peft_bayes.cli.modeling import check_model_source, load_base_model, load_tokenizer, parse_dtype
 
     if args.bnb_4bit_compute_dtype == "auto":
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     else:
         compute = parse_dtype(args.bnb_4bit_compute_dtype)
+    check_model_source(args.base_model, "base model")
     tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, padding_side="left")
     quantized = args.load_8bit or args.load_4bit
     model = load_base_model(
@@ -256,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     set_seed(args.seed)  # before the adapter is created: its initial weights come from this seed
+    prompter, train_records, val_records = load_data(args)
     model, tokenizer = load_model(args)
-    train_data, val_data = prepare_data(args, tokenizer)
+    train_data = tokenize_all(train_records, tokenizer, prompter, args)
+    val_data = tokenize_all(val_records, tokenizer, prompter, args)
     total = _total_steps(args, len(train_data), accum, world)
     peft_config = adapters.build_peft_config(args, model.config.model_type, total)
     model = adapters.attach_adapter(model, peft_config)

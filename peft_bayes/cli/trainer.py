@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers import Trainer, TrainerCallback
 
@@ -21,6 +23,7 @@ class PeftBayesTrainer(Trainer):
         )
         loss = result[0] if return_outputs else result
         if not torch.isfinite(loss.detach()).all():
+            sys.stderr.write("\n")  # end the progress bar's line so the error stands on its own line
             raise NonFiniteLossError(
                 f"the training loss became {loss.detach().float().item()} at step {self.state.global_step}; "
                 "lower --learning_rate or use a wider precision"
