@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -9,6 +10,17 @@ import tempfile
 from collections.abc import Callable
 
 from peft_bayes.errors import InputError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with LLM-Adapters-friendly help and a one-line error (no usage dump) for unknown or bad flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def str2bool(value: str | bool) -> bool:

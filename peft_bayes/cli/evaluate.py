@@ -10,14 +10,12 @@ import argparse
 import os
 import time
 
-from peft_bayes.cli.common import str2bool, write_json_atomic
+from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
 from peft_bayes.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     p.add_argument("--base_model", required=True, help="local model directory or Hub id")
     p.add_argument(
         "--adapter",

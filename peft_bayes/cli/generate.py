@@ -10,16 +10,14 @@ import argparse
 import sys
 from threading import Thread
 
-from peft_bayes.cli.common import str2bool
+from peft_bayes.cli.common import ArgumentParser, str2bool
 from peft_bayes.errors import InputError
 
 QUIT_WORDS = ("exit", "quit", ":q")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="generate.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
     p.add_argument("--base_model", required=True, help="local model directory or Hub id")
     p.add_argument("--adapter", "--lora_weights", dest="adapter", default=None, help="adapter folder (optional)")
     p.add_argument("--prompt_template", default="alpaca")

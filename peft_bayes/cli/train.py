@@ -14,14 +14,12 @@ import shutil
 import tempfile
 
 from peft_bayes.cli import adapters
-from peft_bayes.cli.common import comma_list, str2bool, write_json_atomic
+from peft_bayes.cli.common import ArgumentParser, comma_list, str2bool, write_json_atomic
 from peft_bayes.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     g = p.add_argument_group("model and data")
     g.add_argument("--base_model", required=True, help="local model directory or Hub id")
     g.add_argument("--data_path", default="yahma/alpaca-cleaned", help="JSON/JSONL file, folder or Hub dataset")

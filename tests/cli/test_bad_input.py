@@ -157,3 +157,13 @@ def test_evaluate_rejects_adapter_for_another_model(model_dirs, data_file, tmp_p
     assert run_cli(eval_main, [*argv, "--output_dir", str(tmp_path / "ev")]) == 2
     assert _error_line(capsys.readouterr().err).startswith("error: --adapter")
     json.loads((adapter / "adapter_config.json").read_text())  # the adapter itself is untouched
+
+
+@pytest.mark.parametrize("main", [train_main, eval_main])
+def test_unknown_flag_is_one_line(main, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--base_model", "m", "--no_such_flag", "1"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --no_such_flag 1 (see " + (
+        "train.py" if main is train_main else "evaluate.py"
+    ) + " --help)\n"
