@@ -25,7 +25,6 @@ from peft import (
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
 
 from peft_bayes.errors import InputError
@@ -40,11 +39,13 @@ class AdapterSpec:
     Attributes:
         build: ``build(args, model_type, total_steps) -> PeftConfig``; ``args`` is the parsed train.py namespace.
         description: One line for ``--help`` and the README.
+        peft_type: The ``peft_type`` of the configs it builds (PEFT's enum value, or our registered string).
         prompt_learning: Virtual-token methods (no target modules; no gradient checkpointing for prefix tuning).
     """
 
     build: Callable[[argparse.Namespace, str, int], PeftConfig]
     description: str
+    peft_type: str
     prompt_learning: bool = False
 
 
@@ -133,16 +134,16 @@ def _ptuning(args, model_type, total_steps) -> PromptEncoderConfig:
 
 
 ADAPTERS: dict[str, AdapterSpec] = {
-    "lora": AdapterSpec(_lora, "LoRA (Hu et al. 2021): W + (alpha/r) B A"),
-    "dora": AdapterSpec(lambda a, m, t: _lora(a, m, t, use_dora=True), "DoRA: LoRA with a learned magnitude"),
-    "adalora": AdapterSpec(_adalora, "AdaLoRA: SVD-form LoRA whose rank budget is pruned to --lora_r"),
-    "ia3": AdapterSpec(_ia3, "IA3: learned rescaling of keys, values and feed-forward inputs"),
-    "loha": AdapterSpec(_loha, "LoHa: Hadamard product of two low-rank updates"),
-    "lokr": AdapterSpec(_lokr, "LoKr: Kronecker-product update"),
-    "oft": AdapterSpec(_oft, "OFT: block-diagonal orthogonal rotation of the weights (--oft_block_size)"),
-    "prefix-tuning": AdapterSpec(_prefix, "prefix tuning: learned key/value prefixes", prompt_learning=True),
-    "prompt-tuning": AdapterSpec(_prompt, "prompt tuning: learned input embeddings", prompt_learning=True),
-    "p-tuning": AdapterSpec(_ptuning, "P-tuning: virtual tokens from a prompt encoder", prompt_learning=True),
+    "lora": AdapterSpec(_lora, "LoRA (Hu et al. 2021): W + (alpha/r) B A", "LORA"),
+    "dora": AdapterSpec(lambda a, m, t: _lora(a, m, t, use_dora=True), "DoRA: LoRA with a learned magnitude", "LORA"),
+    "adalora": AdapterSpec(_adalora, "AdaLoRA: SVD-form LoRA whose rank budget is pruned to --lora_r", "ADALORA"),
+    "ia3": AdapterSpec(_ia3, "IA3: learned rescaling of keys, values and feed-forward inputs", "IA3"),
+    "loha": AdapterSpec(_loha, "LoHa: Hadamard product of two low-rank updates", "LOHA"),
+    "lokr": AdapterSpec(_lokr, "LoKr: Kronecker-product update", "LOKR"),
+    "oft": AdapterSpec(_oft, "OFT: block-diagonal orthogonal rotation of the weights (--oft_block_size)", "OFT"),
+    "prefix-tuning": AdapterSpec(_prefix, "prefix tuning: learned key/value prefixes", "PREFIX_TUNING", True),
+    "prompt-tuning": AdapterSpec(_prompt, "prompt tuning: learned input embeddings", "PROMPT_TUNING", True),
+    "p-tuning": AdapterSpec(_ptuning, "P-tuning: virtual tokens from a prompt encoder", "P_TUNING", True),
 }
 
 
@@ -170,16 +171,21 @@ def build_peft_config(args: argparse.Namespace, model_type: str, total_steps: in
 
 
 def default_target_modules(adapter_name: str, model_type: str) -> list[str] | None:
-    """The modules an adapter targets on ``model_type`` when ``--target_modules`` is not given (PEFT's tables)."""
+    """The modules an adapter targets on ``model_type`` when ``--target_modules`` is not given.
+
+    These are the tuner's own per-architecture table (``target_module_mapping``), which PEFT applies itself.
+    """
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
     spec = adapter_spec(adapter_name)
     if spec.prompt_learning:
         return None
-    table = (
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
-        if adapter_name == "ia3"
-        else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # IA3's tuner applies its table in _prepare_adapter_config instead of declaring target_module_mapping.
+    table = getattr(PEFT_TYPE_TO_TUNER_MAPPING[spec.peft_type], "target_module_mapping", None) or (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if spec.peft_type == "IA3" else {}
     )
-    return table.get(model_type)
+    found = table.get(model_type)
+    return list(found) if found is not None else None
 
 
 def attach_adapter(model, peft_config: PeftConfig):
