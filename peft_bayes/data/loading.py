@@ -52,7 +52,7 @@ def _load_hub(name: str, split: str) -> list[Any]:
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types; the message is what matters to the user
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"dataset {name!r} is neither a local file nor a loadable Hub dataset: {first}") from None
+        raise InputError(f"dataset {name!r} is neither a local data file nor a loadable dataset: {first}") from None
     return [dict(r) for r in ds]
 
 
@@ -74,8 +74,9 @@ def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str
     """Loads and validates a list of records.
 
     Args:
-        source: A local ``.json`` / ``.jsonl`` file, a directory holding ``test.json`` (or ``train.json``), or a
-            Hugging Face Hub dataset name (loaded with ``datasets.load_dataset``).
+        source: A local ``.json`` / ``.jsonl`` file, a directory holding ``<split>.json`` (LLM-Adapters' layout),
+            any other directory ``datasets.load_dataset`` reads (parquet / csv / json shards), or a Hugging Face
+            Hub dataset name.
         required: Fields every record must have as strings (``instruction`` and ``output`` for training,
             ``instruction`` and ``answer`` for evaluation).
         split: Split to take from a Hub dataset, and the file preferred in a directory (``<split>.json``).
@@ -87,13 +88,14 @@ def load_records(source: str, required: Sequence[str] = TRAIN_FIELDS, split: str
         InputError: the file is missing or malformed, a record lacks a field, or there are no records.
     """
     if os.path.isdir(source):
+        # LLM-Adapters' layout (<name>/train.json, <name>/test.json); other folders go to `datasets`.
         for candidate in (f"{split}.json", "train.json", "test.json"):
             if os.path.isfile(os.path.join(source, candidate)):
                 source = os.path.join(source, candidate)
                 break
-        else:
-            raise InputError(f"{source}: directory has neither test.json nor train.json")
-    if os.path.isfile(source):
+    if os.path.isdir(source):
+        rows = _load_hub(source, split)
+    elif os.path.isfile(source):
         rows = _read_json_records(source)
     elif _looks_like_path(source):
         raise InputError(f"{source}: no such data file")

@@ -101,3 +101,21 @@ def test_tokenize_respects_cutoff(tiny_tokenizer):
     out = tokenize_record(REC, tiny_tokenizer, p, cutoff_len=12, train_on_inputs=False)
     assert len(out["input_ids"]) == 12 and out["labels"] == [-100] * 12  # the prompt alone fills the cutoff
     assert tiny_tokenizer.eos_token_id not in out["input_ids"][1:]
+
+
+def test_datasets_folder_goes_through_datasets_library(tmp_path):
+    """A folder that is not in LLM-Adapters' layout is read by `datasets.load_dataset` (the Hub code path)."""
+    import pandas as pd
+
+    folder = tmp_path / "hub_style"
+    (folder / "data").mkdir(parents=True)
+    pd.DataFrame([REC, {**REC, "instruction": "Add 1 and 1."}]).to_parquet(folder / "data" / "train-00000.parquet")
+    recs = load_records(str(folder))
+    assert [r["instruction"] for r in recs] == ["Add 2 and 3.", "Add 1 and 1."] and recs[0]["output"] == REC["output"]
+
+
+def test_unreachable_hub_name_is_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="'someone/no-such-set' is neither a local data file nor a loadable dataset"):
+        load_records("someone/no-such-set")
