@@ -89,17 +89,38 @@ def load_eval_model(args):
     return model, tokenizer
 
 
+def make_batches(lengths: list[int], batch_size: int, same_length: bool = False) -> list[list[int]]:
+    """Indices grouped into batches, longest first; ``same_length`` never mixes lengths (no padding at all)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last is None or len(last) == batch_size or (same_length and lengths[last[0]] != lengths[i]):
+            batches.append([i])
+        else:
+            last.append(i)
+    return batches
+
+
+def _pads_safely(model) -> bool:
+    # PEFT drops position_ids for prompt tuning and p-tuning, so a left-padded prompt would sit at shifted
+    # absolute positions: those adapters are batched only with prompts of the same token length.
+    config = getattr(model, "active_peft_config", None)
+    return not (getattr(config, "is_prompt_learning", False) and config.peft_type != "PREFIX_TUNING")
+
+
 def generate_batched(
     model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, num_beams: int = 1, progress=None
 ) -> list[str]:
-    """Greedy (or beam) continuations of ``prompts``; longest prompts first, results in input order."""
+    """Greedy (or beam) continuations of ``prompts``, batched longest first; results in input order."""
     import torch
 
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    batches = make_batches(lengths, batch_size, same_length=not _pads_safely(model))
     outputs: list[str] = [""] * len(prompts)
     device = next(p.device for p in model.parameters())
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    done = 0
+    for idx in batches:
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
             out = model.generate(
@@ -113,8 +134,9 @@ def generate_batched(
         new_tokens = out[:, enc["input_ids"].shape[1] :]  # left padding: every prompt ends at the same column
         for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text
+        done += len(idx)
         if progress:
-            progress(min(start + batch_size, len(order)), len(order))
+            progress(done, len(prompts))
     return outputs
 
 
@@ -147,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise InputError("--batch_size, --max_new_tokens and --num_beams must be positive")
+    if args.limit is not None and args.limit <= 0:
+        raise InputError(f"--limit must be a positive number of examples, got {args.limit}")
     name, path = resolve_dataset(args)
     records = load_records(path, required=("instruction", "answer"), split="test")[: args.limit]
     task = TASKS[name] if name in TASKS else infer_task(records, name)

@@ -7,6 +7,7 @@ cannot stream: with ``--num_beams`` > 1 the response is printed when complete.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from threading import Thread
 
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     gen_kwargs = generation_kwargs(args)
+    if args.ui and importlib.util.find_spec("gradio") is None:  # fail before minutes of model loading
+        raise InputError("--ui needs gradio: pip install 'peft_bayes[ui]'")
     prompter = Prompter.from_name(args.prompt_template)
     model, tokenizer = load_eval_model(args)
     responder = Responder(model, tokenizer, prompter, gen_kwargs, seed=args.seed)
