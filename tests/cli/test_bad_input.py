@@ -164,6 +164,9 @@ def test_unknown_flag_is_one_line(main, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--base_model", "m", "--no_such_flag", "1"])
     assert exc.value.code == 2
-    assert capsys.readouterr().err == "error: unrecognized arguments: --no_such_flag 1 (see " + (
-        "train.py" if main is train_main else "evaluate.py"
-    ) + " --help)\n"
+    assert (
+        capsys.readouterr().err
+        == "error: unrecognized arguments: --no_such_flag 1 (see "
+        + ("train.py" if main is train_main else "evaluate.py")
+        + " --help)\n"
+    )
