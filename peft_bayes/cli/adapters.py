@@ -89,24 +89,19 @@ def _ia3(args, model_type, total_steps) -> IA3Config:
     return IA3Config(task_type=TASK, target_modules=targets, feedforward_modules=feedforward)
 
 
-def _loha(args, model_type, total_steps) -> LoHaConfig:
-    return LoHaConfig(
-        task_type=TASK,
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        module_dropout=args.lora_dropout,
-        target_modules=_targets(args),
-    )
+def _lycoris(config_cls):
+    """LoHa / LoKr: same knobs (rank, alpha, module dropout), different factorisation of the update."""
 
+    def build(args, model_type, total_steps):
+        return config_cls(
+            task_type=TASK,
+            r=args.lora_r,
+            alpha=args.lora_alpha,
+            module_dropout=args.lora_dropout,
+            target_modules=_targets(args),
+        )
 
-def _lokr(args, model_type, total_steps) -> LoKrConfig:
-    return LoKrConfig(
-        task_type=TASK,
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        module_dropout=args.lora_dropout,
-        target_modules=_targets(args),
-    )
+    return build
 
 
 def _oft(args, model_type, total_steps) -> OFTConfig:
@@ -138,8 +133,8 @@ ADAPTERS: dict[str, AdapterSpec] = {
     "dora": AdapterSpec(lambda a, m, t: _lora(a, m, t, use_dora=True), "DoRA: LoRA with a learned magnitude", "LORA"),
     "adalora": AdapterSpec(_adalora, "AdaLoRA: SVD-form LoRA whose rank budget is pruned to --lora_r", "ADALORA"),
     "ia3": AdapterSpec(_ia3, "IA3: learned rescaling of keys, values and feed-forward inputs", "IA3"),
-    "loha": AdapterSpec(_loha, "LoHa: Hadamard product of two low-rank updates", "LOHA"),
-    "lokr": AdapterSpec(_lokr, "LoKr: Kronecker-product update", "LOKR"),
+    "loha": AdapterSpec(_lycoris(LoHaConfig), "LoHa: Hadamard product of two low-rank updates", "LOHA"),
+    "lokr": AdapterSpec(_lycoris(LoKrConfig), "LoKr: Kronecker-product update", "LOKR"),
     "oft": AdapterSpec(_oft, "OFT: block-diagonal orthogonal rotation of the weights (--oft_block_size)", "OFT"),
     "prefix-tuning": AdapterSpec(_prefix, "prefix tuning: learned key/value prefixes", "PREFIX_TUNING", True),
     "prompt-tuning": AdapterSpec(_prompt, "prompt tuning: learned input embeddings", "PROMPT_TUNING", True),
