@@ -3,7 +3,7 @@
 Nothing here touches a model hub: the tokenizer is a byte-level BPE trained in a fraction of a second on a small
 built-in corpus, and the models are built from configs. Typical use::
 
-    >>> from peft_bayes.tiny import build_tokenizer, build_tiny_model
+    >>> from peft_bayes.tiny import build_tiny_model, build_tokenizer, save_tiny_model
     >>> tokenizer = build_tokenizer()
     >>> model = build_tiny_model("llama", tokenizer)
     >>> save_tiny_model("/tmp/tiny-llama")  # model + tokenizer, loadable with the Auto* classes
@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from peft_bayes.data.synthetic import make_arithmetic_problems
 from peft_bayes.errors import InputError
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -49,9 +50,6 @@ _TEMPLATE_TEXT = (
 
 
 def _default_corpus() -> list[str]:
-    # Imported here: `data` is a sibling package and only the default corpus needs it.
-    from peft_bayes.data.synthetic import make_arithmetic_problems
-
     problems = make_arithmetic_problems(200, seed=0)
     texts = [f"### Instruction:\n{p['instruction']}\n\n### Response:\n{p['output']}" for p in problems]
     return list(_TEMPLATE_TEXT) * 20 + texts
