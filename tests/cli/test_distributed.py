@@ -47,3 +47,21 @@ def test_torchrun_two_processes_matches_single_process(llama_dir, data_file, tmp
     assert moved > 100 * ATOL, "training did not move the adapter enough for the comparison to mean anything"
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI is not on PATH")
+def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_argv):
+    """`accelerate launch` drives the same script (on CPU its launcher runs one process; MPI is needed for more)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--lora_dropout", "0"]
+    plain, launched = tmp_path / "plain", tmp_path / "launched"
+    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, plain), *common], env)
+    _run(
+        ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "train.py", *train_argv(llama_dir, data_file, launched), *common],
+        env,
+    )  # fmt: skip
+    a = load_file(plain / "adapter_model.safetensors")
+    b = load_file(launched / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
