@@ -10,4 +10,19 @@ __version__ = "0.1.0"
 
 registry.check_peft_version()
 
-__all__ = ["InputError", "__version__", "registry"]
+from peft_bayes.tuners import (  # noqa: E402  (registers our tuners; needs the version check above first)
+    BottleneckConfig,
+    BottleneckModel,
+    ParallelAdapterConfig,
+    ParallelAdapterModel,
+)
+
+__all__ = [
+    "BottleneckConfig",
+    "BottleneckModel",
+    "InputError",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+    "__version__",
+    "registry",
+]

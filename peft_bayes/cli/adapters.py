@@ -28,6 +28,9 @@ from peft.utils import (
 )
 
 from peft_bayes.errors import InputError
+from peft_bayes.tuners import BottleneckConfig, ParallelAdapterConfig
+from peft_bayes.tuners.bottleneck import MLP_INPUT_PROJECTIONS, PRESETS
+from peft_bayes.tuners.parallel import SCALED_PARALLEL_SCALING
 
 TASK = "CAUSAL_LM"
 
@@ -41,12 +44,21 @@ class AdapterSpec:
         description: One line for ``--help`` and the README.
         peft_type: The ``peft_type`` of the configs it builds (PEFT's enum value, or our registered string).
         prompt_learning: Virtual-token methods (no target modules; no gradient checkpointing for prefix tuning).
+        targets_table: Default target modules per model type, where they are not the tuner's own
+            ``target_module_mapping`` (IA3 keeps its table elsewhere; bottleneck presets have one each).
+        also_builds: Other ``peft_type`` values a flag can switch it to (``bottleneck --use_parallel_adapter``).
+        quantized_ok: Works on bitsandbytes 4-bit / 8-bit base layers (PEFT's LoHa and LoKr do not).
+        checkpointing_ok: Works with gradient checkpointing (PEFT's prefix tuning does not).
     """
 
     build: Callable[[argparse.Namespace, str, int], PeftConfig]
     description: str
     peft_type: str
     prompt_learning: bool = False
+    targets_table: dict[str, list[str]] | None = None
+    also_builds: tuple[str, ...] = ()
+    quantized_ok: bool = True
+    checkpointing_ok: bool = True
 
 
 def _targets(args: argparse.Namespace) -> list[str] | None:
@@ -128,17 +140,98 @@ def _ptuning(args, model_type, total_steps) -> PromptEncoderConfig:
     )
 
 
+def _adapter_mlp_fields(args: argparse.Namespace, default_scaling: float = 1.0) -> dict:
+    return dict(
+        task_type=TASK,
+        target_modules=_targets(args),
+        bottleneck_size=args.bottleneck_size,
+        non_linearity=args.non_linearity,
+        adapter_dropout=args.adapter_dropout,
+        scaling=default_scaling if args.scaling is None else args.scaling,
+        init_weights={"identity": True, "bert": "bert"}[args.adapter_init],
+    )
+
+
+def _parallel(default_scaling: float):
+    def build(args, model_type, total_steps) -> ParallelAdapterConfig:
+        return ParallelAdapterConfig(**_adapter_mlp_fields(args, default_scaling))
+
+    return build
+
+
+def _is_mlp_input(target: str, model_type: str) -> bool:
+    names = MLP_INPUT_PROJECTIONS.get(model_type, [])
+    return any(target == n or n.endswith("." + target) or target.endswith("." + n) for n in names)
+
+
+def _bottleneck(preset: str):
+    """``adapterh`` / ``adapterp``: the papers' placements. ``bottleneck``: LLM-Adapters' flags and placement: its
+    ``--use_adapterp`` / ``--use_parallel_adapter`` switches, and an adapter on the *input* of MLP input projections
+    (LLaMA gate_proj/up_proj, fc1, fc_in, dense_h_to_4h, c_fc) among the targets, on the output of the others."""
+
+    def build(args, model_type, total_steps) -> PeftConfig:
+        if preset != "llm-adapters" or not (args.use_parallel_adapter or args.use_adapterp):
+            return _sequential(args, model_type, preset)
+        if args.use_parallel_adapter and args.use_adapterp:
+            raise ValueError("--use_parallel_adapter and --use_adapterp exclude each other")
+        if args.use_parallel_adapter:
+            return _parallel(1.0)(args, model_type, total_steps)
+        return _sequential(args, model_type, "adapterp")
+
+    return build
+
+
+def _sequential(args, model_type: str, preset: str) -> BottleneckConfig:
+    targets = _targets(args)
+    input_side = None
+    if preset == "llm-adapters" and targets:
+        input_side = [t for t in targets if _is_mlp_input(t, model_type)] or None
+    return BottleneckConfig(preset=preset, input_side_modules=input_side, **_adapter_mlp_fields(args))
+
+
 ADAPTERS: dict[str, AdapterSpec] = {
     "lora": AdapterSpec(_lora, "LoRA (Hu et al. 2021): W + (alpha/r) B A", "LORA"),
     "dora": AdapterSpec(lambda a, m, t: _lora(a, m, t, use_dora=True), "DoRA: LoRA with a learned magnitude", "LORA"),
     "adalora": AdapterSpec(_adalora, "AdaLoRA: SVD-form LoRA whose rank budget is pruned to --lora_r", "ADALORA"),
-    "ia3": AdapterSpec(_ia3, "IA3: learned rescaling of keys, values and feed-forward inputs", "IA3"),
-    "loha": AdapterSpec(_lycoris(LoHaConfig), "LoHa: Hadamard product of two low-rank updates", "LOHA"),
-    "lokr": AdapterSpec(_lycoris(LoKrConfig), "LoKr: Kronecker-product update", "LOKR"),
+    "ia3": AdapterSpec(
+        _ia3,
+        "IA3: learned rescaling of keys, values and feed-forward inputs",
+        "IA3",
+        targets_table=TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    ),
+    "loha": AdapterSpec(
+        _lycoris(LoHaConfig), "LoHa: Hadamard product of two low-rank updates", "LOHA", quantized_ok=False
+    ),
+    "lokr": AdapterSpec(_lycoris(LoKrConfig), "LoKr: Kronecker-product update", "LOKR", quantized_ok=False),
     "oft": AdapterSpec(_oft, "OFT: block-diagonal orthogonal rotation of the weights (--oft_block_size)", "OFT"),
-    "prefix-tuning": AdapterSpec(_prefix, "prefix tuning: learned key/value prefixes", "PREFIX_TUNING", True),
+    "prefix-tuning": AdapterSpec(
+        _prefix, "prefix tuning: learned key/value prefixes", "PREFIX_TUNING", True, checkpointing_ok=False
+    ),
     "prompt-tuning": AdapterSpec(_prompt, "prompt tuning: learned input embeddings", "PROMPT_TUNING", True),
     "p-tuning": AdapterSpec(_ptuning, "P-tuning: virtual tokens from a prompt encoder", "P_TUNING", True),
+    "bottleneck": AdapterSpec(
+        _bottleneck("llm-adapters"),
+        "bottleneck adapters as LLM-Adapters runs them (--use_adapterp, --use_parallel_adapter switch placement)",
+        "BOTTLENECK",
+        targets_table=PRESETS["llm-adapters"],
+        also_builds=("PARALLEL",),
+    ),
+    "adapterh": AdapterSpec(
+        _bottleneck("adapterh"),
+        "AdapterH (Houlsby et al.): bottleneck after attention output and MLP output projections",
+        "BOTTLENECK",
+        targets_table=PRESETS["adapterh"],
+    ),
+    "adapterp": AdapterSpec(
+        _bottleneck("adapterp"),
+        "AdapterP (Pfeiffer et al.): bottleneck after the MLP output projection",
+        "BOTTLENECK",
+        targets_table=PRESETS["adapterp"],
+    ),
+    "parallel": AdapterSpec(_parallel(1.0), "parallel adapter (He et al.): W x + s up(act(down(x)))", "PARALLEL"),
+    "scaled_parallel": AdapterSpec(
+        _parallel(SCALED_PARALLEL_SCALING), "scaled parallel adapter: parallel with s = 4 (He et al.)", "PARALLEL"
+    ),
 }
 
 
@@ -154,6 +247,22 @@ def adapter_spec(name: str) -> AdapterSpec:
     if key not in ADAPTERS:
         raise InputError(f"unknown --adapter_name {name!r}; expected one of: {', '.join(ADAPTERS)}")
     return ADAPTERS[key]
+
+
+def check_saved_adapter(adapter_name: str, folder: str) -> None:
+    """Checks that the adapter saved in ``folder`` is of the kind ``--adapter_name`` names (evaluate/generate)."""
+    import json
+    import os
+
+    spec = adapter_spec(adapter_name)
+    path = os.path.join(folder, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f).get("peft_type")
+    except (OSError, ValueError) as err:
+        raise InputError(f"--adapter {folder!r}: cannot read adapter_config.json ({err})") from None
+    if found not in (spec.peft_type, *spec.also_builds):
+        raise InputError(f"--adapter {folder!r} holds a {found} adapter, not --adapter_name {adapter_name}")
 
 
 def build_peft_config(args: argparse.Namespace, model_type: str, total_steps: int = 1) -> PeftConfig:
@@ -175,10 +284,7 @@ def default_target_modules(adapter_name: str, model_type: str) -> list[str] | No
     spec = adapter_spec(adapter_name)
     if spec.prompt_learning:
         return None
-    # IA3's tuner applies its table in _prepare_adapter_config instead of declaring target_module_mapping.
-    table = getattr(PEFT_TYPE_TO_TUNER_MAPPING[spec.peft_type], "target_module_mapping", None) or (
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if spec.peft_type == "IA3" else {}
-    )
+    table = spec.targets_table or getattr(PEFT_TYPE_TO_TUNER_MAPPING[spec.peft_type], "target_module_mapping", {})
     found = table.get(model_type)
     return list(found) if found is not None else None
 
@@ -189,6 +295,8 @@ def attach_adapter(model, peft_config: PeftConfig):
 
     try:
         return get_peft_model(model, peft_config)
+    except TypeError as err:  # PEFT's "Target module ... is not supported" for layer types a method lacks
+        raise InputError(f"this adapter cannot wrap this model's layers: {' '.join(str(err).split())[:300]}") from None
     except ValueError as err:
         msg = " ".join(str(err).split())
         if "not found in the base model" in msg or "target_modules" in msg.lower():

@@ -10,6 +10,7 @@ import argparse
 import os
 import time
 
+from peft_bayes.cli import adapters
 from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
 from peft_bayes.errors import InputError
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="adapter",
         default=None,
         help="adapter folder saved by train.py (omit to evaluate the base model)",
+    )
+    p.add_argument(
+        "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
     )
     p.add_argument("--dataset", default=None, help="test set name, e.g. SVAMP, gsm8k, AQuA, boolq, ARC-Easy")
     p.add_argument(
@@ -70,6 +74,10 @@ def load_eval_model(args):
         else args.base_model
     )
     check_model_source(args.base_model, "base model")
+    if args.adapter_name:
+        if not args.adapter:
+            raise InputError("--adapter_name needs --adapter (the adapter folder to check)")
+        adapters.check_saved_adapter(args.adapter_name, args.adapter)
     tokenizer = load_tokenizer(tok_source, args.trust_remote_code, padding_side="left")
     model = load_base_model(
         args.base_model, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
     p.add_argument("--base_model", required=True, help="local model directory or Hub id")
     p.add_argument("--adapter", "--lora_weights", dest="adapter", default=None, help="adapter folder (optional)")
+    p.add_argument(
+        "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
+    )
     p.add_argument("--prompt_template", default="alpaca")
     p.add_argument("--instruction", default=None, help="one-shot mode: answer this instruction and exit")
     p.add_argument("--input", default=None, help="optional input section for --instruction")

@@ -16,6 +16,14 @@ import tempfile
 from peft_bayes.cli import adapters
 from peft_bayes.cli.common import ArgumentParser, comma_list, str2bool, write_json_atomic
 from peft_bayes.errors import InputError
+from peft_bayes.tuners.adapter_mlp import parse_scaling
+
+
+def scaling_arg(value: str) -> float | str:
+    try:
+        return parse_scaling(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--oft_block_size", type=int, default=32)
     g.add_argument("--num_virtual_tokens", type=int, default=30)
     g.add_argument("--encoder_hidden_size", type=int, default=128, help="p-tuning prompt encoder width")
+    g = p.add_argument_group("bottleneck and parallel adapters")
+    g.add_argument("--bottleneck_size", type=int, default=256, help="adapter hidden width")
+    g.add_argument("--non_linearity", default="tanh", choices=["tanh", "relu", "gelu", "silu"])
+    g.add_argument("--adapter_dropout", type=float, default=0.0)
+    g.add_argument(
+        "--scaling",
+        type=scaling_arg,
+        default=None,
+        help="output factor s: a number or 'learned' (default 1; 4 for scaled_parallel)",
+    )
+    g.add_argument(
+        "--adapter_init",
+        default="identity",
+        choices=["identity", "bert"],
+        help="identity: up-projection zero (starts at the base model); bert: N(0, 0.02) as LLM-Adapters",
+    )
+    g.add_argument(
+        "--use_parallel_adapter", type=str2bool, nargs="?", const=True, default=False, help="bottleneck: parallel"
+    )
+    g.add_argument("--use_adapterp", type=str2bool, nargs="?", const=True, default=False, help="bottleneck: AdapterP")
     return p
 
 
@@ -103,7 +131,14 @@ def check_args(args: argparse.Namespace, world: int) -> int:
         raise InputError(f"--cutoff_len must be at least 8, got {args.cutoff_len}")
     if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
         raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such directory")
-    adapters.adapter_spec(args.adapter_name)
+    spec = adapters.adapter_spec(args.adapter_name)
+    if (args.load_4bit or args.load_8bit) and not spec.quantized_ok:
+        raise InputError(f"--adapter_name {args.adapter_name} does not support a quantized base (--load_4bit/8bit)")
+    if args.use_gradient_checkpointing and not spec.checkpointing_ok:
+        raise InputError(f"--adapter_name {args.adapter_name} cannot be combined with --use_gradient_checkpointing")
+    for flag in ("use_parallel_adapter", "use_adapterp"):
+        if getattr(args, flag) and args.adapter_name.lower() != "bottleneck":
+            raise InputError(f"--{flag} applies to --adapter_name bottleneck only (got {args.adapter_name})")
     return steps // world
 
 

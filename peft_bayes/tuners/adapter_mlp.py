@@ -1,0 +1,224 @@
+"""What bottleneck and parallel adapters share: a small MLP ``s * up(act(down(drop(.))))`` beside a frozen layer.
+
+The two tuners differ only in where that MLP reads and writes:
+
+- sequential (``bottleneck``): ``h = W x``, then ``h + s * f(h)`` (on the layer's output), or ``x + s * f(x)`` fed
+  into ``W`` (on its input, as LLM-Adapters does for MLP input projections);
+- parallel (``parallel``): ``W x + s * f(x)``.
+
+Both are non-linear in the adapter weights, so neither can be merged into ``W``. The MLP never touches ``W``: it
+works the same beside ``nn.Linear``, GPT-2's ``Conv1D`` and bitsandbytes' ``Linear8bitLt`` / ``Linear4bit``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+# LLM-Adapters' default init ("bert"): both projections ~ N(0, 0.02), so the adapted model starts off the base.
+BERT_INIT_STD = 0.02
+
+
+@dataclass
+class AdapterMLPConfig(PeftConfig):
+    """Fields shared by [`BottleneckConfig`] and [`ParallelAdapterConfig`]."""
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match, e.g. ['down_proj']) or one regex (full match) to put adapters on. "
+            "None: the tuner's per-architecture default (see the README)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex to leave alone even if they match target_modules."}
+    )
+    bottleneck_size: int = field(default=256, metadata={"help": "Width of the adapter's hidden layer."})
+    non_linearity: str = field(
+        default="tanh", metadata={"help": "Activation between the projections: tanh, relu, gelu or silu."}
+    )
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    scaling: float | str = field(
+        default=1.0,
+        metadata={"help": "Factor s on the adapter's output: a number or 'learned' (a trainable scalar from 1)."},
+    )
+    init_weights: bool | str = field(
+        default=True,
+        metadata={
+            "help": "True: down-projection Kaiming-uniform, up-projection zero: the model starts equal to the base. "
+            "'bert': both ~ N(0, 0.02) (LLM-Adapters' default). False: both Kaiming-uniform (random, for tests)."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules (e.g. a classifier head) to train and save in full."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+        if not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
+            raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.non_linearity not in ACT2FN:
+            raise ValueError(f"non_linearity {self.non_linearity!r} is unknown; use tanh, relu, gelu or silu")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
+        self.scaling = parse_scaling(self.scaling)
+        if self.init_weights not in (True, False, "bert"):
+            raise ValueError(f"init_weights must be True, False or 'bert', got {self.init_weights!r}")
+
+
+def parse_scaling(value: float | int | str) -> float | str:
+    """``1``, ``"4.0"`` → a float; ``"learned"`` stays; anything else is an error."""
+    if isinstance(value, str) and value.strip().lower() == "learned":
+        return "learned"
+    try:
+        scaling = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"scaling must be a number or 'learned', got {value!r}") from None
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {value!r}")
+    return scaling
+
+
+class AdapterMLP(nn.Module):
+    """``s * up(act(down(dropout(h))))``: (..., in_features) -> (..., out_features). No biases, as LLM-Adapters."""
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterMLPConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()
+        self.down = nn.Linear(in_features, config.bottleneck_size, bias=False)
+        self.act = ACT2FN[config.non_linearity]
+        self.up = nn.Linear(config.bottleneck_size, out_features, bias=False)
+        if config.scaling == "learned":
+            self.scale = nn.Parameter(torch.ones(1))
+        else:
+            self.fixed_scale = float(config.scaling)
+        self.reset_parameters(config.init_weights)
+
+    def reset_parameters(self, init_weights: bool | str) -> None:
+        if init_weights == "bert":
+            nn.init.normal_(self.down.weight, std=BERT_INIT_STD)
+            nn.init.normal_(self.up.weight, std=BERT_INIT_STD)
+            return
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        if init_weights is True:
+            nn.init.zeros_(self.up.weight)  # f(h) = 0 at the start: the adapted model equals the base
+        else:
+            nn.init.kaiming_uniform_(self.up.weight, a=math.sqrt(5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # The adapter keeps its own dtype (fp32 beside a bf16 or 4-bit base: PEFT upcasts adapter weights); the
+        # result goes back to the dtype of the stream it is added to.
+        z = self.up(self.act(self.down(self.dropout(h.to(self.down.weight.dtype)))))
+        scale = self.scale if hasattr(self, "scale") else self.fixed_scale
+        return (z * scale).to(h.dtype)
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear-like layer: ``nn.Linear`` (bitsandbytes' 8-bit and 4-bit layers subclass it), GPT-2's
+    ``Conv1D`` (weight stored as in x out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(
+        f"adapters attach to nn.Linear, transformers' Conv1D or bitsandbytes Linear8bitLt/Linear4bit layers, "
+        f"not {type(layer).__name__}"
+    )
+
+
+class AdapterMLPLayer(nn.Module, BaseTunerLayer):
+    """A frozen Linear-like layer with one [`AdapterMLP`] per adapter name.
+
+    Subclasses name the ``ModuleDict`` (its name carries the tuner prefix) in ``adapter_layer_names`` and define
+    ``adapter_shape`` and ``adapted_forward``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
+
+    @property
+    def adapter_mlps(self) -> nn.ModuleDict:
+        return getattr(self, self.adapter_layer_names[0])
+
+    def adapter_shape(self, adapter_name: str) -> tuple[int, int]:
+        """(in, out) of the adapter's MLP for this layer."""
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, config: AdapterMLPConfig, **kwargs: Any) -> None:
+        self.adapter_mlps[adapter_name] = AdapterMLP(*self.adapter_shape(adapter_name), config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            f"{type(self).__name__}: adapters with a non-linearity cannot be merged into the base weights; "
+            "keep the PeftModel, or call unload() to get the base model back without them"
+        )
+
+    def unmerge(self) -> None:
+        return None  # nothing is ever merged
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.adapter_mlps]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, active, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def module_matches(pattern: list[str] | set[str] | str | None, key: str) -> bool:
+    """Whether module ``key`` is named by ``pattern``, with ``target_modules``' rules: a string is a regex that must
+    match the whole key, a list names modules by suffix (``"mlp.c_proj"`` matches ``"h.0.mlp.c_proj"``)."""
+    if not pattern:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, key) is not None
+    return any(key == name or key.endswith("." + name) for name in pattern)
+
+
+class AdapterMLPModel(BaseTuner):
+    """The tuner half both adapter types share: wrap each target, never merge."""
+
+    def layer_kwargs(self, config: AdapterMLPConfig, current_key: str) -> dict:
+        """Extra per-module arguments for the layer (e.g. which side a sequential adapter sits on)."""
+        return {}
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+        kwargs = self.layer_kwargs(config, current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, **kwargs)
+            return
+        new_module = self.tuner_layer_cls(target, adapter_name, config, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self):
+        raise ValueError(
+            f"{self.prefix.rstrip('_')} adapters are non-linear (up(act(down(.)))) and cannot be merged into the "
+            "base weights; use unload() to get the base model back, or keep the PeftModel for inference"
+        )
