@@ -12,11 +12,12 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import peft_bayes
 from peft_bayes import BottleneckConfig, ParallelAdapterConfig
+from peft_bayes.tiny import build_tiny_model
 from peft_bayes.tuners.adapter_mlp import BERT_INIT_STD
 from peft_bayes.tuners.bottleneck import BottleneckLayer
 from peft_bayes.tuners.parallel import ParallelLayer
@@ -173,23 +174,16 @@ def test_init_options():
     assert random.up.weight.abs().sum() > 0
 
 
-def _tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return LlamaForCausalLM(cfg).eval()
+@pytest.fixture
+def tiny_llama(tiny_tokenizer):
+    """A factory of identical tiny LLaMAs (hidden 32, 2 layers)."""
+    return lambda: build_tiny_model("llama", tiny_tokenizer, hidden_size=32, num_heads=4).eval()
 
 
 @pytest.mark.parametrize("cfg", [BottleneckConfig(bottleneck_size=4), ParallelAdapterConfig(bottleneck_size=4)])
-def test_merging_is_refused_and_unload_returns_the_base(cfg):
-    base_out = _tiny_llama()(input_ids=torch.arange(10)[None]).logits
-    model = get_peft_model(_tiny_llama(), cfg)
+def test_merging_is_refused_and_unload_returns_the_base(cfg, tiny_llama):
+    base_out = tiny_llama()(input_ids=torch.arange(10)[None]).logits
+    model = get_peft_model(tiny_llama(), cfg)
     with pytest.raises(ValueError, match="non-linear.*cannot be merged.*unload"):
         model.merge_and_unload()
     with pytest.raises(ValueError, match="non-linear"):
@@ -250,14 +244,14 @@ def test_unknown_architecture_needs_target_modules():
         get_peft_model(Net(nn.Linear(4, 4)), BottleneckConfig())
 
 
-def test_round_trip_keeps_input_side_and_learned_scale(tmp_path):
+def test_round_trip_keeps_input_side_and_learned_scale(tmp_path, tiny_llama):
     cfg = BottleneckConfig(preset="llm-adapters", bottleneck_size=4, scaling="learned", init_weights=False)
-    model = get_peft_model(_tiny_llama(), cfg)
+    model = get_peft_model(tiny_llama(), cfg)
     assert model.peft_config["default"].input_side_modules == {"gate_proj", "up_proj"}
     ids = torch.arange(12)[None]
     expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(_tiny_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     up = loaded.base_model.model.model.layers[1].mlp.up_proj
     assert up.bottleneck_input_side["default"] and up.bottleneck_adapter["default"].down.in_features == 32
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
