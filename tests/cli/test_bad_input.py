@@ -66,6 +66,16 @@ CASES = {
     "resume_missing": (["--resume_from_checkpoint", "{tmp}/nowhere"], "--resume_from_checkpoint"),
     "bad_template": (["--prompt_template", "nonesuch"], "unknown prompt template"),
     "val_too_large": (["--val_set_size", "100"], "leaves no training data"),
+    "adapterp_flag_on_lora": (["--use_adapterp", "true"], "--use_adapterp applies to --adapter_name bottleneck only"),
+    "adapterp_and_parallel": (
+        ["--adapter_name", "bottleneck", "--use_adapterp", "true", "--use_parallel_adapter", "true"],
+        "--use_parallel_adapter and --use_adapterp exclude each other",
+    ),
+    "loha_on_4bit": (["--adapter_name", "loha", "--load_4bit", "true"], "loha does not support a quantized base"),
+    "prefix_with_checkpointing": (
+        ["--adapter_name", "prefix-tuning", "--use_gradient_checkpointing", "true"],
+        "cannot be combined with --use_gradient_checkpointing",
+    ),
 }
 
 
@@ -170,3 +180,18 @@ def test_unknown_flag_is_one_line(main, capsys):
         + ("train.py" if main is train_main else "evaluate.py")
         + " --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--scaling", "lots"], "error: argument --scaling: scaling must be a number or 'learned', got 'lots'"),
+        (["--non_linearity", "swish"], "error: argument --non_linearity: invalid choice: 'swish'"),
+    ],
+)
+def test_bad_adapter_flag_values_are_one_line(flags, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--base_model", "m", "--adapter_name", "parallel", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1
