@@ -353,6 +353,6 @@ def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total):
         eval_dataset=val_data or None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
     )
-    if args.adapter_name == "adalora":
+    if args.adapter_name.lower() == "adalora":
         trainer.add_callback(AdaLoraCallback(model))
     return trainer

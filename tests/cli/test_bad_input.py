@@ -71,6 +71,11 @@ CASES = {
         ["--adapter_name", "bottleneck", "--use_adapterp", "true", "--use_parallel_adapter", "true"],
         "--use_parallel_adapter and --use_adapterp exclude each other",
     ),
+    "parallel_flag_on_adapterh": (
+        ["--adapter_name", "adapterh", "--use_parallel_adapter", "true"],
+        "--use_parallel_adapter applies to --adapter_name bottleneck only",
+    ),
+    "lokr_on_8bit": (["--adapter_name", "LoKr", "--load_8bit", "true"], "LoKr does not support a quantized base"),
     "loha_on_4bit": (["--adapter_name", "loha", "--load_4bit", "true"], "loha does not support a quantized base"),
     "prefix_with_checkpointing": (
         ["--adapter_name", "prefix-tuning", "--use_gradient_checkpointing", "true"],
@@ -187,6 +192,7 @@ def test_unknown_flag_is_one_line(main, capsys):
     [
         (["--scaling", "lots"], "error: argument --scaling: scaling must be a number or 'learned', got 'lots'"),
         (["--non_linearity", "swish"], "error: argument --non_linearity: invalid choice: 'swish'"),
+        (["--adapter_init", "xavier"], "error: argument --adapter_init: invalid choice: 'xavier'"),
     ],
 )
 def test_bad_adapter_flag_values_are_one_line(flags, expected, capsys):

@@ -11,10 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from peft_bayes.cli import adapters
 from peft_bayes.cli.common import run_cli
 from peft_bayes.cli.evaluate import main as eval_main
 from peft_bayes.cli.generate import main as gen_main
 from peft_bayes.cli.train import main as train_main
+from peft_bayes.errors import InputError
 
 B = 8  # --bottleneck_size in these tests
 LLM_ADAPTERS_LIST = '["up_proj", "gate_proj"]'  # LLM-Adapters' fire syntax for lists
@@ -115,6 +117,22 @@ def test_evaluate_and_generate_check_the_adapter_kind(adapterh_run, llama_dir, d
     assert not (tmp_path / "bad").exists()
     one_shot = [*common, "--adapter_name", "AdapterH", "--instruction", "Add 2 and 3.", "--temperature", "0"]
     assert gen_main([*one_shot, "--max_new_tokens", "4"]) == 0
+
+
+def test_adapter_name_check_needs_an_adapter(llama_dir, data_file, tmp_path, capsys):
+    argv = ["--base_model", str(llama_dir), "--data_path", data_file, "--output_dir", str(tmp_path / "ev")]
+    assert run_cli(eval_main, [*argv, "--adapter_name", "adapterh"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --adapter_name needs --adapter (the adapter folder to check)"
+
+
+def test_saved_kind_check_accepts_the_kinds_each_name_builds(tmp_path):
+    """``bottleneck`` may hold a PARALLEL adapter (``--use_parallel_adapter``); the other names only their own."""
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PARALLEL"}')
+    for ok in ("parallel", "Scaled_Parallel", "bottleneck"):
+        adapters.check_saved_adapter(ok, str(tmp_path))
+    for bad in ("adapterh", "adapterp", "lora"):
+        with pytest.raises(InputError, match=f"holds a PARALLEL adapter, not --adapter_name {bad}"):
+            adapters.check_saved_adapter(bad, str(tmp_path))
 
 
 def test_4bit_gpt2_adapterh(model_dirs, data_file, tmp_path, train_argv):

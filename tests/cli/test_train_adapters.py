@@ -48,3 +48,19 @@ def test_default_targets_follow_peft_tables():
     assert adapters.default_target_modules("lora", "bloom") == ["query_key_value"]
     assert adapters.default_target_modules("ia3", "llama") == ["k_proj", "v_proj", "down_proj"]
     assert adapters.default_target_modules("prefix-tuning", "llama") is None
+
+
+@pytest.mark.parametrize("name", ["adalora", "AdaLoRA"])
+def test_adalora_budget_callback_whatever_the_case(name, llama_dir, data_file, tmp_path, train_argv, monkeypatch):
+    from peft_bayes.cli.trainer import AdaLoraCallback, PeftBayesTrainer
+
+    seen = []
+
+    def fake_train(self, *args, **kwargs):
+        seen.extend(type(cb) for cb in self.callback_handler.callbacks)
+        raise KeyboardInterrupt  # stop before training: only the trainer's set-up is under test
+
+    monkeypatch.setattr(PeftBayesTrainer, "train", fake_train)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(train_argv(llama_dir, data_file, tmp_path / name, "--adapter_name", name))
+    assert AdaLoraCallback in seen
