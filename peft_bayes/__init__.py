@@ -11,18 +11,34 @@ __version__ = "0.1.0"
 registry.check_peft_version()
 
 from peft_bayes.tuners import (  # noqa: E402  (registers our tuners; needs the version check above first)
+    BayesLoraConfig,
+    BayesLoraModel,
     BottleneckConfig,
     BottleneckModel,
     ParallelAdapterConfig,
     ParallelAdapterModel,
 )
+from peft_bayes.tuners.bayeslora import (  # noqa: E402
+    is_bayesian,
+    kl_divergence,
+    posterior_sample,
+    sampling,
+    set_sampling,
+)
 
 __all__ = [
+    "BayesLoraConfig",
+    "BayesLoraModel",
     "BottleneckConfig",
     "BottleneckModel",
     "InputError",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
     "__version__",
+    "is_bayesian",
+    "kl_divergence",
+    "posterior_sample",
     "registry",
+    "sampling",
+    "set_sampling",
 ]

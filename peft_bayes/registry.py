@@ -49,7 +49,9 @@ def peft_type_of(name: str) -> str:
     return name.upper()
 
 
-def register_tuner(name: str, config_cls: type, model_cls: type, prefix: str | None = None) -> RegisteredTuner:
+def register_tuner(
+    name: str, config_cls: type, model_cls: type, prefix: str | None = None, shares_prefix_with: str | None = None
+) -> RegisteredTuner:
     """Makes a tuner type known to PEFT (``get_peft_model``, saving, ``PeftModel.from_pretrained``).
 
     Args:
@@ -57,6 +59,8 @@ def register_tuner(name: str, config_cls: type, model_cls: type, prefix: str | N
         config_cls: A ``PeftConfig`` subclass whose ``__post_init__`` sets ``peft_type = name.upper()``.
         model_cls: A ``BaseTuner`` subclass; its ``prefix`` class attribute must equal ``prefix``.
         prefix: Parameter-name prefix of the tuner's weights; ``name + "_"`` by default.
+        shares_prefix_with: The ``peft_type`` of a tuner whose prefix this one deliberately reuses because its layers
+            subclass that tuner's (``"LORA"`` for ``bayeslora``, as PEFT's own AdaLoRA shares ``"lora_"``).
 
     Registering the same classes twice is a no-op; a different tuner under a taken name or prefix is an error.
     """
@@ -75,9 +79,9 @@ def register_tuner(name: str, config_cls: type, model_cls: type, prefix: str | N
         return entry
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING or peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
         raise KeyError(f"a PEFT method named {name!r} is already registered")
-    taken = {p: t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items()}
-    if prefix in taken:
-        raise KeyError(f"parameter prefix {prefix!r} of tuner {name!r} is already used by {taken[prefix]}")
+    users = sorted(str(getattr(t, "value", t)) for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix)
+    if users and shares_prefix_with not in users:
+        raise KeyError(f"parameter prefix {prefix!r} of tuner {name!r} is already used by {', '.join(users)}")
     model_prefix = getattr(model_cls, "prefix", None)
     if model_prefix != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_prefix!r}, expected {prefix!r}")

@@ -1,0 +1,94 @@
+"""Configuration of Bayesian LoRA (BLoB: Wang et al., "BLoB: Bayesian Low-Rank Adaptation by Backpropagation for
+Large Language Models", NeurIPS 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+
+from peft_bayes.registry import peft_type_of
+
+STD_PARAMS = ("square", "softplus")
+KL_SCHEDULES = ("blob", "constant", "linear")
+BAYESIAN_FACTORS = ("A", "B")
+# LoraConfig options that replace LoRA's forward with another variant's: they cannot be combined with ours.
+_EXCLUSIVE_VARIANTS = (
+    "use_dora",
+    "arrow_config",
+    "alora_invocation_tokens",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "use_bdlora",
+    "mica",
+)
+
+
+@dataclass
+class BayesLoraConfig(LoraConfig):
+    """LoRA with a diagonal Gaussian posterior over one factor, learned by backprop (BLoB).
+
+    The Bayesian factor (A by default, as in BLoB) is ``M + sigma * E``: its mean M is LoRA's ``lora_A`` weight,
+    its standard deviation ``sigma = rho^2`` (or ``softplus(rho)``) is a new parameter ``bayeslora_rho``. The other
+    factor stays deterministic. Training adds ``kl_weight * schedule(step) * KL(q || p) / N`` to the loss, with the
+    prior ``p = N(0, prior_std^2)`` on every entry and N the number of training examples. Every [`~peft.LoraConfig`]
+    field applies (``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``, ...) except the LoRA variants that
+    replace its forward (DoRA, aLoRA, ...).
+
+    Args:
+        prior_std: Standard deviation of the zero-mean Gaussian prior (BLoB's ``bayes_beta``: 0.2).
+        init_std: BLoB's epsilon: ``sigma`` starts at ``u^2`` with ``u ~ U(eps / sqrt(2), eps)``, for both
+            parametrisations (for ``softplus``, rho starts at ``softplus^-1(u^2)``).
+        std_param: ``"square"`` (``sigma = rho^2``, BLoB's default) or ``"softplus"``.
+        flipout: Decorrelate the noise across tokens with flipout (one E per forward, random signs per token).
+        kl_schedule: ``"blob"`` (the weight of minibatch i of the M in an epoch is ``2^i / (2^M - 1)``, rescaled by
+            M so that an epoch's weights average 1), ``"constant"``, or ``"linear"`` (from 0 to 1 over
+            ``kl_anneal_steps`` optimizer steps, then 1).
+        kl_weight: Factor on the KL term.
+        kl_anneal_steps: Length of the linear warm-up; None = the whole run.
+        bayesian_factor: ``"A"`` (BLoB) or ``"B"``.
+
+    Example:
+        ```python
+        >>> import peft_bayes
+        >>> from peft import get_peft_model
+        >>> config = peft_bayes.BayesLoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(base_model, config)
+        >>> model.kl_divergence()  # summed over every Bayesian factor
+        ```
+    """
+
+    prior_std: float = field(default=0.2, metadata={"help": "Std of the N(0, prior_std^2) prior (BLoB: 0.2)."})
+    init_std: float = field(
+        default=0.05, metadata={"help": "BLoB's eps: sigma starts at u^2, u ~ U(eps/sqrt(2), eps)."}
+    )
+    std_param: str = field(default="square", metadata={"help": "sigma = rho^2 ('square') or softplus(rho)."})
+    flipout: bool = field(default=True, metadata={"help": "Flipout: one noise draw per forward, signs per token."})
+    kl_schedule: str = field(default="blob", metadata={"help": "KL weighting: 'blob', 'constant' or 'linear'."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Factor on the KL term of the loss."})
+    kl_anneal_steps: int | None = field(
+        default=None, metadata={"help": "Steps of the 'linear' warm-up; None = the whole run."}
+    )
+    bayesian_factor: str = field(default="A", metadata={"help": "Which LoRA factor is Bayesian: 'A' or 'B'."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = peft_type_of("bayeslora")
+        for name in _EXCLUSIVE_VARIANTS:
+            if getattr(self, name, None):
+                raise ValueError(f"BayesLoraConfig cannot be combined with {name}: it replaces the same forward")
+        for name in ("prior_std", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.std_param not in STD_PARAMS:
+            raise ValueError(f"std_param must be one of {STD_PARAMS}, got {self.std_param!r}")
+        if self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
+        if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be a non-negative number, got {self.kl_weight!r}")
+        if self.kl_anneal_steps is not None and self.kl_anneal_steps <= 0:
+            raise ValueError(f"kl_anneal_steps must be positive or None, got {self.kl_anneal_steps!r}")
+        if self.bayesian_factor not in BAYESIAN_FACTORS:
+            raise ValueError(f"bayesian_factor must be 'A' or 'B', got {self.bayesian_factor!r}")

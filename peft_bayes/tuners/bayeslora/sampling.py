@@ -1,0 +1,97 @@
+"""How Bayesian LoRA layers draw their weights, model-wide.
+
+By default a layer samples in training mode (a fresh E, and flipout signs, every forward pass) and uses the
+posterior mean in eval mode, so ``model.eval()`` + ``generate`` is deterministic. Two context managers override it:
+
+- ``sampling(model, True / False)``: fresh draws every forward pass / the posterior mean, whatever the mode;
+- ``posterior_sample(model, seed)``: one fixed draw of every Bayesian factor, ``W = M + sigma * E``, shared by every
+  token and every forward inside the block. That is one posterior sample of the whole network: a generation keeps
+  the same weights from the first to the last token, and the draw depends on ``seed`` only (not on the batch), so
+  batched and one-at-a-time evaluation agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from peft_bayes.tuners.bayeslora.layer import MEAN, SAMPLE, BayesLoraLayer
+
+
+def bayes_layers(model: nn.Module) -> list[tuple[str, BayesLoraLayer]]:
+    """(name, layer) of every Bayesian LoRA layer in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BayesLoraLayer)]
+
+
+def _active(layer: BayesLoraLayer) -> list[str]:
+    return [] if layer.disable_adapters else [a for a in layer.active_adapters if a in layer.bayeslora_rho]
+
+
+def is_bayesian(model: nn.Module) -> bool:
+    """Whether ``model`` has a Bayesian LoRA layer with an active adapter (so sampling changes its outputs)."""
+    return any(_active(layer) for _, layer in bayes_layers(model))
+
+
+def set_sampling(model: nn.Module, enabled: bool | None) -> None:
+    """True: fresh draws every forward; False: posterior mean; None: sample in training mode, mean in eval mode."""
+    mode = None if enabled is None else (SAMPLE if enabled else MEAN)
+    for _, layer in bayes_layers(model):
+        layer.bayeslora_mode = mode
+
+
+@contextmanager
+def sampling(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """``with sampling(model, False): ...`` runs the posterior mean (N = 0); ``True`` samples every forward."""
+    layers = bayes_layers(model)
+    before = [layer.bayeslora_mode for _, layer in layers]
+    set_sampling(model, enabled)
+    try:
+        yield model
+    finally:
+        for (_, layer), mode in zip(layers, before):
+            layer.bayeslora_mode = mode
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def posterior_sample(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    """Fixes one posterior draw of every active Bayesian factor for the duration of the block.
+
+    The E of each layer comes from a generator seeded by ``seed`` and the layer's name, on the CPU, so the draw is
+    the same on every device and for every batch.
+    """
+    layers = bayes_layers(model)
+    before = [dict(layer.bayeslora_fixed_eps) for _, layer in layers]
+    try:
+        for name, layer in layers:
+            for adapter in _active(layer):
+                layer.draw_fixed_eps(adapter, torch.Generator().manual_seed(_layer_seed(seed, f"{name}/{adapter}")))
+        yield model
+    finally:
+        for (_, layer), fixed in zip(layers, before):
+            layer.bayeslora_fixed_eps = fixed
+
+
+def kl_divergence(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
+    """Closed-form KL(q || p) summed over every Bayesian factor of ``adapter_name`` (default: the active adapters).
+
+    Returns a scalar float32 tensor on the adapter's device, differentiable in the means and ``bayeslora_rho``.
+    """
+    total = None
+    for _, layer in bayes_layers(model):
+        names = [adapter_name] if adapter_name is not None else layer.active_adapters
+        for name in names:
+            if name in layer.bayeslora_rho:
+                kl = layer.kl_divergence(name)
+                total = kl if total is None else total + kl.to(total.device)
+    if total is None:
+        raise ValueError(f"the model has no Bayesian LoRA adapter {adapter_name or '(active)'}")
+    return total
