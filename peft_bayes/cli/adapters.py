@@ -28,7 +28,7 @@ from peft.utils import (
 )
 
 from peft_bayes.errors import InputError
-from peft_bayes.tuners import BottleneckConfig, ParallelAdapterConfig
+from peft_bayes.tuners import BayesLoraConfig, BottleneckConfig, ParallelAdapterConfig
 from peft_bayes.tuners.bottleneck import MLP_INPUT_PROJECTIONS, PRESETS
 from peft_bayes.tuners.parallel import SCALED_PARALLEL_SCALING
 
@@ -75,6 +75,25 @@ def _lora(args, model_type, total_steps, **extra) -> LoraConfig:
         target_modules=_targets(args),
         bias="none",
         **extra,
+    )
+
+
+def _bayeslora(args, model_type, total_steps) -> BayesLoraConfig:
+    return BayesLoraConfig(
+        task_type=TASK,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=_targets(args),
+        bias="none",
+        prior_std=args.prior_std,
+        init_std=args.bayes_eps,
+        std_param=args.bayes_std_param,
+        flipout=args.flipout,
+        kl_schedule=args.kl_schedule,
+        kl_weight=args.kl_weight,
+        kl_anneal_steps=args.kl_anneal_steps,
+        bayesian_factor=args.bayesian_factor,
     )
 
 
@@ -191,6 +210,11 @@ def _sequential(args, model_type: str, preset: str) -> BottleneckConfig:
 
 ADAPTERS: dict[str, AdapterSpec] = {
     "lora": AdapterSpec(_lora, "LoRA (Hu et al. 2021): W + (alpha/r) B A", "LORA"),
+    "bayeslora": AdapterSpec(
+        _bayeslora,
+        "Bayesian LoRA (BLoB): Gaussian posterior over A learned by backprop, KL added to the loss",
+        "BAYESLORA",
+    ),
     "dora": AdapterSpec(lambda a, m, t: _lora(a, m, t, use_dora=True), "DoRA: LoRA with a learned magnitude", "LORA"),
     "adalora": AdapterSpec(_adalora, "AdaLoRA: SVD-form LoRA whose rank budget is pruned to --lora_r", "ADALORA"),
     "ia3": AdapterSpec(

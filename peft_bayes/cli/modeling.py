@@ -113,3 +113,20 @@ def load_base_model(
         eos = model.generation_config.eos_token_id
         model.config.pad_token_id = eos if isinstance(eos, int) else eos[0]
     return model
+
+
+def keep_4bit_layers_trainable(model) -> None:
+    """Stops bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (seen with 0.50) repacks a ``Linear4bit`` weight the first time the layer
+    runs in eval mode without gradients, and from then on routes every forward through a kernel that has no backward:
+    gradients through that layer silently become zero, even back in training mode. A model that will be trained after
+    any evaluation (the Trainer evaluates between steps) must keep the trainable layout.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -112,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--use_parallel_adapter", type=str2bool, nargs="?", const=True, default=False, help="bottleneck: parallel"
     )
     g.add_argument("--use_adapterp", type=str2bool, nargs="?", const=True, default=False, help="bottleneck: AdapterP")
+    g = p.add_argument_group("Bayesian LoRA (--adapter_name bayeslora)")
+    g.add_argument("--prior_std", type=float, default=0.2, help="std of the N(0, prior_std^2) prior (BLoB: 0.2)")
+    g.add_argument("--bayes_eps", type=float, default=0.05, help="sigma starts at u^2, u ~ U(eps/sqrt(2), eps)")
+    g.add_argument(
+        "--bayes_std_param", default="square", choices=["square", "softplus"], help="sigma = rho^2 or softplus(rho)"
+    )
+    g.add_argument("--flipout", type=str2bool, nargs="?", const=True, default=True, help="per-token flipout signs")
+    g.add_argument(
+        "--kl_schedule", default="blob", choices=["blob", "constant", "linear"], help="KL weighting per step"
+    )
+    g.add_argument("--kl_weight", type=float, default=1.0, help="factor on KL / N_train in the loss")
+    g.add_argument("--kl_anneal_steps", type=int, default=None, help="linear schedule: warm-up steps (default: all)")
+    g.add_argument("--bayesian_factor", default="A", choices=["A", "B"], help="the LoRA factor with a posterior")
     return p
 
 
@@ -136,6 +149,12 @@ def check_args(args: argparse.Namespace, world: int) -> int:
         raise InputError(f"--adapter_name {args.adapter_name} does not support a quantized base (--load_4bit/8bit)")
     if args.use_gradient_checkpointing and not spec.checkpointing_ok:
         raise InputError(f"--adapter_name {args.adapter_name} cannot be combined with --use_gradient_checkpointing")
+    bayes_flags = {"prior_std": 0.2, "bayes_eps": 0.05, "bayes_std_param": "square", "flipout": True}
+    bayes_flags |= {"kl_schedule": "blob", "kl_weight": 1.0, "kl_anneal_steps": None, "bayesian_factor": "A"}
+    if args.adapter_name.lower() != "bayeslora":
+        changed = [f"--{k}" for k, default in bayes_flags.items() if getattr(args, k) != default]
+        if changed:
+            raise InputError(f"{', '.join(changed)} apply to --adapter_name bayeslora only (got {args.adapter_name})")
     for flag in ("use_parallel_adapter", "use_adapterp"):
         if getattr(args, flag) and args.adapter_name.lower() != "bottleneck":
             raise InputError(f"--{flag} applies to --adapter_name bottleneck only (got {args.adapter_name})")
@@ -172,7 +191,13 @@ def load_model(args):
     """Base model + tokenizer + attached adapter, all validated."""
     import torch
 
-    from peft_bayes.cli.modeling import check_model_source, load_base_model, load_tokenizer, parse_dtype
+    from peft_bayes.cli.modeling import (
+        check_model_source,
+        keep_4bit_layers_trainable,
+        load_base_model,
+        load_tokenizer,
+        parse_dtype,
+    )
 
     if args.bnb_4bit_compute_dtype == "auto":
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -194,6 +219,7 @@ def load_model(args):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.use_gradient_checkpointing)
+        keep_4bit_layers_trainable(model)
     elif args.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -244,11 +270,14 @@ def _training_arguments(args, accum: int, total_steps: int, has_val: bool):
     )
 
 
+def _steps_per_epoch(args, n_train: int, accum: int, world: int) -> int:
+    return max(math.ceil(n_train / (args.micro_batch_size * world)) // accum, 1)
+
+
 def _total_steps(args, n_train: int, accum: int, world: int) -> int:
     if args.max_steps > 0:
         return args.max_steps
-    per_epoch = max(math.ceil(n_train / (args.micro_batch_size * world)) // accum, 1)
-    return max(int(math.ceil(per_epoch * args.num_epochs)), 1)
+    return max(int(math.ceil(_steps_per_epoch(args, n_train, accum, world) * args.num_epochs)), 1)
 
 
 def _load_adapter_weights(model, folder: str) -> None:
@@ -308,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             f"adapter {args.adapter_name}: targets {_targets_of(peft_config)}; {len(train_data)} train / "
             f"{len(val_data)} val examples; {total} optimizer steps; grad accumulation {accum} x {world} process(es)"
         )
-    trainer = _make_trainer(args, model, tokenizer, train_data, val_data, accum, total)
+    per_epoch = _steps_per_epoch(args, len(train_data), accum, world)
+    trainer = _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, per_epoch)
     full_resume = (
         args.resume_from_checkpoint
         if args.resume_from_checkpoint
@@ -327,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 "optimizer_steps": trainer.state.global_step,
                 "target_modules_resolved": _targets_of(peft_config),
                 "train_loss": result.training_loss,
+                **trainer.kl_summary(),
                 "n_train": len(train_data),
                 "n_val": len(val_data),
             },
@@ -340,7 +371,7 @@ def _targets_of(peft_config) -> list[str] | None:
     return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
 
 
-def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total):
+def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, steps_per_epoch):
     from transformers import DataCollatorForSeq2Seq
 
     from peft_bayes.cli.trainer import AdaLoraCallback, PeftBayesTrainer
@@ -352,6 +383,8 @@ def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total):
         train_dataset=train_data,
         eval_dataset=val_data or None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        n_train=len(train_data),
+        steps_per_epoch=steps_per_epoch,
     )
     if args.adapter_name.lower() == "adalora":
         trainer.add_callback(AdaLoraCallback(model))

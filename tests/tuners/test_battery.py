@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import registry
 from peft_bayes.cli import adapters
+from peft_bayes.cli.modeling import keep_4bit_layers_trainable
 from peft_bayes.cli.train import build_parser
 from peft_bayes.errors import InputError
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model
@@ -168,6 +169,7 @@ def test_switching_between_two_adapters(bases, name, arch, tmp_path):
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # the same dropout masks and posterior draws (bayeslora samples in training mode)
     model.train()
     model.zero_grad()
     model(input_ids=IDS, labels=IDS).loss.backward()
@@ -225,7 +227,9 @@ def quantized_dirs(tmp_path_factory, tiny_tokenizer):
 
 def _load_4bit(folder):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q).eval()
+    keep_4bit_layers_trainable(model)  # these tests train after an eval forward (see the function's docstring)
+    return model
 
 
 @pytest.mark.parametrize("name,arch", QUANT_CASES)

@@ -1,4 +1,10 @@
-from peft_bayes.tuners.bayeslora.config import BAYESIAN_FACTORS, KL_SCHEDULES, STD_PARAMS, BayesLoraConfig
+from peft_bayes.tuners.bayeslora.config import (
+    BAYESIAN_FACTORS,
+    KL_SCHEDULES,
+    STD_PARAMS,
+    BayesLoraConfig,
+    kl_schedule_factor,
+)
 from peft_bayes.tuners.bayeslora.layer import BayesLoraLayer, gaussian_kl
 from peft_bayes.tuners.bayeslora.model import BayesLoraModel
 from peft_bayes.tuners.bayeslora.sampling import (
@@ -21,6 +27,7 @@ __all__ = [
     "gaussian_kl",
     "is_bayesian",
     "kl_divergence",
+    "kl_schedule_factor",
     "posterior_sample",
     "sampling",
     "set_sampling",

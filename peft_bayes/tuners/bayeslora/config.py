@@ -92,3 +92,27 @@ class BayesLoraConfig(LoraConfig):
             raise ValueError(f"kl_anneal_steps must be positive or None, got {self.kl_anneal_steps!r}")
         if self.bayesian_factor not in BAYESIAN_FACTORS:
             raise ValueError(f"bayesian_factor must be 'A' or 'B', got {self.bayesian_factor!r}")
+
+
+def kl_schedule_factor(
+    schedule: str, step: int, steps_per_epoch: int, total_steps: int, anneal_steps: int | None = None
+) -> float:
+    """The factor on ``KL / N`` at optimizer step ``step`` (0-based); it averages 1 over an epoch for ``blob``.
+
+    - ``constant``: 1.
+    - ``linear``: ``min(1, (step + 1) / anneal_steps)``, ``anneal_steps`` defaulting to ``total_steps``.
+    - ``blob``: minibatch i = step mod M of the M = ``steps_per_epoch`` in an epoch gets ``2^i / (2^M - 1)`` of the
+      epoch's KL (Blundell et al. 2015's weights, as BLoB uses them: they sum to 1 over the epoch). Counted per
+      example this is ``M * 2^i / (2^M - 1)`` times ``KL / N``, which averages 1 over the epoch. Computed as
+      ``M * 2^(i - M) / (1 - 2^-M)`` so that large M does not overflow.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        length = anneal_steps or max(total_steps, 1)
+        return min(1.0, (step + 1) / length)
+    if schedule == "blob":
+        m = max(steps_per_epoch, 1)
+        i = step % m
+        return m * 2.0 ** (i - m) / (1.0 - 2.0**-m)
+    raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {schedule!r}")
