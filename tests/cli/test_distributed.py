@@ -49,6 +49,30 @@ def test_torchrun_two_processes_matches_single_process(llama_dir, data_file, tmp
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_bayeslora_counts_the_kl_term_once(llama_dir, data_file, tmp_path, train_argv):
+    """Under DDP the KL term must enter each optimizer step once, as in one process with accumulation.
+
+    With --bayes_eps 1e-6 the posterior std is ~1e-12, so the sampled noise is far below the tolerance and both runs
+    are deterministic, while the KL term (large: log sigma) still drives the update of rho and the means.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
+              "--adapter_name", "bayeslora", "--bayes_eps", "1e-6", "--kl_schedule", "constant"]  # fmt: skip
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
+    _run(
+        ["torchrun", "--nproc_per_node=2", "--master_port=29534", "train.py",
+         *train_argv(llama_dir, data_file, multi), *common],
+        env,
+    )  # fmt: skip
+    a = load_file(single / "adapter_model.safetensors")
+    b = load_file(multi / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith("bayeslora_rho") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=ATOL, msg=k)
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI is not on PATH")
 def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_argv):
     """`accelerate launch` drives the same script (on CPU its launcher runs one process; MPI is needed for more)."""
