@@ -52,8 +52,9 @@ def rho_from_std(std: torch.Tensor, std_param: str) -> torch.Tensor:
 
 
 def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torch.Tensor:
-    """Sum over entries of KL(N(mean, std^2) || N(0, prior_std^2)), in float32 or wider."""
-    mean, std = mean.float(), std.float()
+    """Sum over entries of KL(N(mean, std^2) || N(0, prior_std^2)), computed in float32 (float64 inputs stay)."""
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    mean, std = mean.to(dtype), std.to(dtype)
     var_ratio = (std / prior_std) ** 2
     return (0.5 * (var_ratio + (mean / prior_std) ** 2 - 1) - torch.log(std / prior_std)).sum()
 

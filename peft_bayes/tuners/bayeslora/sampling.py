@@ -56,8 +56,8 @@ def sampling(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
             layer.bayeslora_mode = mode
 
 
-def _layer_seed(seed: int, name: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+def _layer_seed(seed: int, key: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -65,15 +65,17 @@ def _layer_seed(seed: int, name: str) -> int:
 def posterior_sample(model: nn.Module, seed: int) -> Iterator[nn.Module]:
     """Fixes one posterior draw of every active Bayesian factor for the duration of the block.
 
-    The E of each layer comes from a generator seeded by ``seed`` and the layer's name, on the CPU, so the draw is
-    the same on every device and for every batch.
+    The E of each layer comes from a CPU generator seeded by ``seed``, the layer's position and the adapter name, so
+    the draw is the same on every device, for every batch, and whether the ``PeftModel`` or its base model is passed.
     """
     layers = bayes_layers(model)
     before = [dict(layer.bayeslora_fixed_eps) for _, layer in layers]
     try:
-        for name, layer in layers:
+        # Seeded by the layer's position among the Bayesian layers (not its name, which depends on whether the
+        # PeftModel or its base model was passed) and the adapter name.
+        for index, (_, layer) in enumerate(layers):
             for adapter in _active(layer):
-                layer.draw_fixed_eps(adapter, torch.Generator().manual_seed(_layer_seed(seed, f"{name}/{adapter}")))
+                layer.draw_fixed_eps(adapter, torch.Generator().manual_seed(_layer_seed(seed, f"{index}/{adapter}")))
         yield model
     finally:
         for (_, layer), fixed in zip(layers, before):
