@@ -66,26 +66,24 @@ def _targets(args: argparse.Namespace) -> list[str] | None:
     return list(args.target_modules) if args.target_modules else None
 
 
-def _lora(args, model_type, total_steps, **extra) -> LoraConfig:
-    return LoraConfig(
+def _lora_fields(args) -> dict:
+    return dict(
         task_type=TASK,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=_targets(args),
         bias="none",
-        **extra,
     )
+
+
+def _lora(args, model_type, total_steps, **extra) -> LoraConfig:
+    return LoraConfig(**_lora_fields(args), **extra)
 
 
 def _bayeslora(args, model_type, total_steps) -> BayesLoraConfig:
     return BayesLoraConfig(
-        task_type=TASK,
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=_targets(args),
-        bias="none",
+        **_lora_fields(args),
         prior_std=args.prior_std,
         init_std=args.bayes_eps,
         std_param=args.bayes_std_param,
