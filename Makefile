@@ -26,5 +26,9 @@ test: install-dev
 lint: install-dev
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
+# BENCH_ARGS passes flags through, e.g. make bench BENCH_ARGS="--rank 8,16 --steps 20"
+bench: install
+	$(PY) bench/bench_bayeslora_step.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info

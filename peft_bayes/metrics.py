@@ -50,7 +50,10 @@ def calibration_bins(probs, labels, n_bins: int = 15) -> dict[str, torch.Tensor]
     """Per-bin ``count``, ``accuracy`` and mean ``confidence`` of the top label (empty bins: count 0, NaN means)."""
     probs, labels = _check(probs, labels)
     confidence, predicted = probs.max(-1)
-    correct = (predicted == labels).double()
+    return _bin_stats(confidence, (predicted == labels).double(), n_bins)
+
+
+def _bin_stats(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> dict[str, torch.Tensor]:
     # bucketize(right=False) gives i with edges[i-1] < c <= edges[i]: bins are closed on the right.
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     index = (torch.bucketize(confidence, edges) - 1).clamp(0, n_bins - 1)  # (n,) bin of each row
@@ -60,11 +63,26 @@ def calibration_bins(probs, labels, n_bins: int = 15) -> dict[str, torch.Tensor]
     return {"count": count, "accuracy": acc_sum / count, "confidence": conf_sum / count}
 
 
-def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
-    bins = calibration_bins(probs, labels, n_bins)
+def _ece_from_bins(bins: dict[str, torch.Tensor]) -> float:
     filled = bins["count"] > 0
     gaps = (bins["accuracy"][filled] - bins["confidence"][filled]).abs()
     return (gaps * bins["count"][filled]).sum().item() / bins["count"].sum().item()
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    return _ece_from_bins(calibration_bins(probs, labels, n_bins))
+
+
+def confidence_calibration_error(confidence, correct, n_bins: int = 15) -> float:
+    """ECE of stated confidences (e.g. majority-vote shares) against 0/1 correctness, same bins as
+    ``expected_calibration_error``. Unlike a top-label probability, a confidence may lie below 1/k."""
+    confidence = torch.as_tensor(confidence, dtype=torch.float64).flatten()
+    correct = torch.as_tensor(correct, dtype=torch.float64).flatten()
+    if confidence.shape != correct.shape or confidence.numel() == 0:
+        raise ValueError("confidence_calibration_error needs non-empty confidence and correct of the same length")
+    if not torch.isfinite(confidence).all() or (confidence < 0).any() or (confidence > 1).any():
+        raise ValueError("confidences must lie in [0, 1]")
+    return _ece_from_bins(_bin_stats(confidence, correct, n_bins))
 
 
 def negative_log_likelihood(probs, labels) -> float:

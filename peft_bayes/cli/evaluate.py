@@ -1,18 +1,27 @@
-"""evaluate.py: batched greedy evaluation of a base model or an adapter on math and commonsense test sets.
+"""evaluate.py: evaluation of a base model or an adapter on math and commonsense test sets, with calibration.
 
-Examples are sorted by prompt length and generated in batches with left padding, an attention mask and the KV
-cache, then put back in dataset order. Per-example records and a summary are written as JSON.
+Math sets are answered by batched greedy generation (sorted by prompt length, left padding, attention mask, KV
+cache); with ``--samples N`` each posterior sample generates and the answers are put to a majority vote.
+Multiple-choice sets are scored by the likelihood of each answer option (no generation), averaged over posterior
+samples. Per-example records and a summary are written as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from dataclasses import dataclass
 
-from peft_bayes.cli import adapters
+from peft_bayes.cli import adapters, bayes_eval
+from peft_bayes.cli.batching import generate_batched, make_batches
+from peft_bayes.cli.choice_scoring import DEFAULT_PREFIX, example_options, gold_indices
 from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
+from peft_bayes.data.answers import TaskSpec
 from peft_bayes.errors import InputError
+
+__all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_batches", "resolve_dataset"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,20 +54,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_4bit", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    b = p.add_argument_group("Bayesian evaluation and calibration")
+    b.add_argument(
+        "--samples",
+        type=_samples_flag,
+        default="auto",
+        help="posterior samples; auto = 10 for an adapter with a posterior (bayeslora), else 0 (one deterministic "
+        "pass with the posterior mean)",
+    )
+    b.add_argument("--seed", type=int, default=0, help="seed of the posterior sample draws")
+    b.add_argument(
+        "--choice_prefix",
+        default=DEFAULT_PREFIX,
+        help="multiple choice: response text before the scored option label ('' scores the bare label) "
+        "(default: %(default)r)",
+    )
+    b.add_argument("--ood_dataset", default=None, help="multiple-choice OOD test set (resolved via --data_dir)")
+    b.add_argument("--ood_data_path", default=None, help="OOD test file (overrides --data_dir for the OOD set)")
     return p
 
 
-def resolve_dataset(args) -> tuple[str, str]:
-    """(name, path) of the test file from --dataset / --data_dir / --data_path."""
-    if args.data_path:
-        name = args.dataset or os.path.splitext(os.path.basename(args.data_path))[0]
-        return name, args.data_path
-    if not args.dataset:
-        raise InputError("give --dataset NAME (with --data_dir) or --data_path FILE")
-    path = os.path.join(args.data_dir, args.dataset, "test.json")
+def _samples_flag(value: str) -> int | None:
+    """``--samples``: a number of posterior samples, or ``auto`` (None: decided once the model is loaded)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of posterior samples or auto, got {value!r}") from None
+
+
+def resolve_dataset(args, ood: bool = False) -> tuple[str, str]:
+    """(name, path) of the test file from --dataset / --data_dir / --data_path (the --ood_* flags with ``ood``)."""
+    dataset, data_path = (args.ood_dataset, args.ood_data_path) if ood else (args.dataset, args.data_path)
+    flag = "--ood_" if ood else "--"
+    if data_path:
+        return dataset or os.path.splitext(os.path.basename(data_path))[0], data_path
+    if not dataset:
+        raise InputError(f"give {flag}dataset NAME (with --data_dir) or {flag}data_path FILE")
+    path = os.path.join(args.data_dir, dataset, "test.json")
     if not os.path.isfile(path):
-        raise InputError(f"--dataset {args.dataset}: {path} not found (set --data_dir or --data_path)")
-    return args.dataset, path
+        raise InputError(f"{flag}dataset {dataset}: {path} not found (set --data_dir or {flag}data_path)")
+    return dataset, path
 
 
 def load_eval_model(args):
@@ -97,130 +134,183 @@ def load_eval_model(args):
     return model, tokenizer
 
 
-def make_batches(lengths: list[int], batch_size: int, same_length: bool = False) -> list[list[int]]:
-    """Indices grouped into batches, longest first; ``same_length`` never mixes lengths (no padding at all)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        last = batches[-1] if batches else None
-        if last is None or len(last) == batch_size or (same_length and lengths[last[0]] != lengths[i]):
-            batches.append([i])
-        else:
-            last.append(i)
-    return batches
+@dataclass
+class EvalSet:
+    """One test set ready to evaluate: records, prompts, and for multiple choice the options and gold indices."""
+
+    name: str
+    path: str
+    records: list[dict]
+    task: TaskSpec
+    prompts: list[str]
+    options: list[tuple[str, ...]] | None = None
+    golds: list[int] | None = None
 
 
-def _pads_safely(model) -> bool:
-    # PEFT drops position_ids for prompt tuning and p-tuning, so a left-padded prompt would sit at shifted
-    # absolute positions: those adapters are batched only with prompts of the same token length.
-    config = getattr(model, "active_peft_config", None)
-    return not (getattr(config, "is_prompt_learning", False) and config.peft_type != "PREFIX_TUNING")
-
-
-def generate_batched(
-    model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, num_beams: int = 1, progress=None
-) -> list[str]:
-    """Greedy (or beam) continuations of ``prompts``, batched longest first; results in input order."""
-    import torch
-
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    batches = make_batches(lengths, batch_size, same_length=not _pads_safely(model))
-    outputs: list[str] = [""] * len(prompts)
-    device = next(p.device for p in model.parameters())
-    done = 0
-    for idx in batches:
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]  # left padding: every prompt ends at the same column
-        for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            outputs[i] = text
-        done += len(idx)
-        if progress:
-            progress(done, len(prompts))
-    return outputs
-
-
-def score(records, generations, prompts, task) -> tuple[list[dict], int]:
-    """Per-example records (prompt, generation, extracted, gold, correct) and the number correct."""
-    from peft_bayes.data.answers import extract_answer, is_correct
-
-    rows, n_correct = [], 0
-    for rec, gen, prompt in zip(records, generations, prompts):
-        pred = extract_answer(gen, task)
-        ok = is_correct(pred, rec["answer"], task)
-        n_correct += ok
-        rows.append(
-            {
-                "instruction": rec["instruction"],
-                "prompt": prompt,
-                "generation": gen,
-                "extracted": pred,
-                "gold": rec["answer"],
-                "correct": bool(ok),
-            }
-        )
-    return rows, n_correct
-
-
-def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.data import Prompter, load_records
+def load_eval_set(name: str, path: str, limit: int | None, prompter) -> EvalSet:
+    """Loads the first ``limit`` records, infers how to score them and checks every gold answer is an option."""
+    from peft_bayes.data import load_records
     from peft_bayes.data.answers import TASKS, infer_task
 
-    args = build_parser().parse_args(argv)
+    records = load_records(path, required=("instruction", "answer"), split="test")[:limit]
+    task = TASKS[name] if name in TASKS else infer_task(records, name)
+    prompts = [prompter.generate_prompt(r["instruction"], r.get("input")) for r in records]
+    data = EvalSet(name, path, records, task, prompts)
+    if task.kind == "choice":
+        data.options = [example_options(r, task) for r in records]
+        data.golds = gold_indices(records, data.options, path)
+    return data
+
+
+def check_args(args) -> None:
     if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise InputError("--batch_size, --max_new_tokens and --num_beams must be positive")
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be a positive number of examples, got {args.limit}")
-    name, path = resolve_dataset(args)
-    records = load_records(path, required=("instruction", "answer"), split="test")[: args.limit]
-    task = TASKS[name] if name in TASKS else infer_task(records, name)
-    prompter = Prompter.from_name(args.prompt_template)
-    model, tokenizer = load_eval_model(args)
-    prompts = [prompter.generate_prompt(r["instruction"], r.get("input")) for r in records]
+    if args.samples is not None and args.samples < 0:
+        raise InputError(f"--samples must be 0 (deterministic) or a positive number of samples, got {args.samples}")
 
-    def progress(done, total):
+
+def _saved_peft_type(adapter: str | None) -> str | None:
+    path = os.path.join(adapter, "adapter_config.json") if adapter else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return str(json.load(f).get("peft_type", "")).upper()
+    except (OSError, ValueError, AttributeError):
+        return None  # load_eval_model reports it
+
+
+def _progress(args, name: str):
+    def progress(done: int, total: int) -> None:
         if not args.quiet:
             print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", flush=True)
 
-    t0 = time.perf_counter()
-    generations = generate_batched(
-        model, tokenizer, prompts, args.batch_size, args.max_new_tokens, args.num_beams, progress
+    return progress
+
+
+def evaluate_choice(model, tokenizer, data: EvalSet, args, samples: int) -> tuple[list[dict], dict, list]:
+    """Option-likelihood scoring: (rows, metrics, averaged probabilities)."""
+    probs = bayes_eval.averaged_option_probs(
+        model, tokenizer, data.prompts, data.options, args.choice_prefix, args.batch_size, samples, args.seed,
+        _progress(args, data.name),
+    )  # fmt: skip
+    rows = bayes_eval.choice_rows(data.records, data.prompts, data.options, data.golds, probs)
+    metrics = {"scoring": "option-likelihood", "choice_prefix": args.choice_prefix}
+    metrics.update(bayes_eval.choice_metrics(probs, data.golds))
+    return rows, metrics, probs
+
+
+def evaluate_generation(model, tokenizer, data: EvalSet, args, samples: int, prompter) -> tuple[list[dict], dict]:
+    """Greedy generation per posterior sample and a majority vote: (rows, metrics)."""
+    gen = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    passes = bayes_eval.sampled_generations(
+        model, tokenizer, data.prompts, samples, args.seed, gen, _progress(args, data.name)
     )
-    wall = time.perf_counter() - t0
-    rows, n_correct = score(records, [prompter.get_response(g) for g in generations], prompts, task)
-    summary = {
-        "dataset": name,
-        "data_path": path,
+    responses = [[prompter.get_response(g) for g in gens] for gens in passes]
+    rows = bayes_eval.vote_rows(data.records, data.prompts, responses, data.task)
+    metrics = {"scoring": "generation-vote", **gen}
+    metrics.update(bayes_eval.vote_metrics([r["confidence"] for r in rows], [r["correct"] for r in rows]))
+    return rows, metrics
+
+
+def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: int, id_probs) -> tuple[list, dict]:
+    """Scores the OOD set like the test set; (rows, metrics) with the entropy AUROC."""
+    probs = bayes_eval.averaged_option_probs(
+        model, tokenizer, ood.prompts, ood.options, args.choice_prefix, args.batch_size, samples, args.seed,
+        _progress(args, f"{ood.name} (OOD)"),
+    )  # fmt: skip
+    rows = bayes_eval.choice_rows(ood.records, ood.prompts, ood.options, ood.golds, probs)
+    metrics = {"ood_dataset": ood.name, "ood_data_path": ood.path, **bayes_eval.ood_metrics(id_probs, probs)}
+    metrics["ood_accuracy_percent"] = 100 * sum(r["correct"] for r in rows) / len(rows)
+    return rows, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peft_bayes.data import Prompter
+
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    prompter = Prompter.from_name(args.prompt_template)
+    data = load_eval_set(*resolve_dataset(args), args.limit, prompter)
+    ood = None
+    if args.ood_dataset or args.ood_data_path:
+        ood = load_eval_set(*resolve_dataset(args, ood=True), args.limit, prompter)
+        if data.task.kind != "choice" or ood.task.kind != "choice":
+            raise InputError(
+                f"--ood_dataset needs multiple-choice test sets (option scoring); {data.name} is a "
+                f"{data.task.kind!r} task and {ood.name} a {ood.task.kind!r} task"
+            )
+    if args.samples and _saved_peft_type(args.adapter) != "BAYESLORA":  # fail before loading the model
+        bayes_eval.resolve_samples(args.samples, None)
+    model, tokenizer = load_eval_model(args)
+    samples = bayes_eval.resolve_samples(args.samples, model)
+    t0 = time.perf_counter()
+    probs, ood_rows = None, None
+    if data.task.kind == "choice":
+        rows, metrics, probs = evaluate_choice(model, tokenizer, data, args, samples)
+        if ood is not None:
+            ood_rows, ood_summary = evaluate_ood(model, tokenizer, data, ood, args, samples, probs)
+            metrics.update(ood_summary)
+    else:
+        rows, metrics = evaluate_generation(model, tokenizer, data, args, samples, prompter)
+    summary = _summary(args, data, rows, time.perf_counter() - t0, samples, metrics)
+    write_outputs(args.output_dir, data, summary, rows, probs, ood_rows)
+    print_summary(summary)
+    return 0
+
+
+def write_outputs(output_dir: str, data: EvalSet, summary: dict, rows, probs=None, ood_rows=None) -> None:
+    """Predictions (and OOD predictions), the reliability diagram of a multiple-choice set, then the summary;
+    each file is written to a temporary name and renamed, the summary last."""
+    stem = os.path.join(output_dir, data.name)
+    if ood_rows is not None:
+        write_json_atomic(f"{stem}_ood_{summary['ood_dataset']}_predictions.json", ood_rows)
+    write_json_atomic(stem + "_predictions.json", rows)
+    if probs is not None:
+        title = f"{data.name}, {summary['samples'] or 'no'} posterior samples"
+        png = bayes_eval.write_reliability(probs, data.golds, stem + "_reliability.png", title)
+        summary["reliability_diagram"] = png
+    write_json_atomic(stem + "_summary.json", summary)
+
+
+def _summary(args, data: EvalSet, rows: list[dict], wall: float, samples: int, metrics: dict) -> dict:
+    n_correct = sum(r["correct"] for r in rows)
+    n_examples = len(rows) + metrics.get("ood_n", 0)
+    return {
+        "dataset": data.name,
+        "data_path": data.path,
         "base_model": args.base_model,
         "adapter": args.adapter,
         "n": len(rows),
         "correct": n_correct,
         "accuracy": n_correct / len(rows),
         "accuracy_unit": "fraction",
+        "samples": samples,
+        "seed": args.seed,
+        **metrics,
         "wall_time_s": round(wall, 3),
-        "examples_per_s": round(len(rows) / wall, 3),
+        "examples_per_s": round(n_examples / wall, 3),
         "batch_size": args.batch_size,
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
     }
-    stem = os.path.join(args.output_dir, name)
-    write_json_atomic(stem + "_predictions.json", rows)
-    write_json_atomic(stem + "_summary.json", summary)
-    print_summary(summary)
-    return 0
 
 
 def print_summary(s: dict) -> None:
-    print(
-        f"\n| dataset | n | accuracy (%) | wall time (s) | examples/s |\n|---|---|---|---|---|\n"
-        f"| {s['dataset']} | {s['n']} | {100 * s['accuracy']:.2f} | {s['wall_time_s']:.1f} | "
-        f"{s['examples_per_s']:.2f} |"
-    )
+    """A Markdown table: ACC / ECE / NLL / Brier for multiple choice, ACC / ECE / AUROC for generated answers."""
+
+    def num(value, digits=3):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    cols = {"dataset": s["dataset"], "n": s["n"], "samples": s["samples"]}
+    cols["ACC (%)"] = f"{s['accuracy_percent']:.2f}"
+    cols["ECE (%)"] = f"{s['ece_percent']:.2f}"
+    if s["scoring"] == "option-likelihood":
+        cols.update({"NLL": num(s["nll_nats"]), "Brier": num(s["brier_sum_over_classes"])})
+        if "ood_auroc" in s:
+            cols[f"OOD AUROC ({s['ood_dataset']})"] = num(s["ood_auroc"])
+    else:
+        cols["AUROC"] = num(s["auroc"])
+    cols.update({"wall time (s)": f"{s['wall_time_s']:.1f}", "examples/s": f"{s['examples_per_s']:.2f}"})
+    header, values = " | ".join(cols), " | ".join(map(str, cols.values()))
+    print(f"\n| {header} |\n" + "|---" * len(cols) + f"|\n| {values} |")

@@ -112,16 +112,20 @@ def load_base_model(
     if model.config.pad_token_id is None and model.generation_config.eos_token_id is not None:
         eos = model.generation_config.eos_token_id
         model.config.pad_token_id = eos if isinstance(eos, int) else eos[0]
+    if load_4bit:
+        disable_bnb_cpu_repacking(model)
     return model
 
 
-def keep_4bit_layers_trainable(model) -> None:
-    """Stops bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+def disable_bnb_cpu_repacking(model) -> None:
+    """Stops bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU inference kernel.
 
     On a CPU with AVX512-BF16, bitsandbytes (seen with 0.50) repacks a ``Linear4bit`` weight the first time the layer
-    runs in eval mode without gradients, and from then on routes every forward through a kernel that has no backward:
-    gradients through that layer silently become zero, even back in training mode. A model that will be trained after
-    any evaluation (the Trainer evaluates between steps) must keep the trainable layout.
+    runs in eval mode without gradients. That path (1) needs an output size divisible by 32 and an input size of at
+    least one quantisation block, else the forward fails with a reshape error; (2) wants the Hub package ``kernels``
+    and falls back to a slow loop without it; (3) has no backward: gradients through a repacked layer silently become
+    zero, even back in training mode, so a model trained after any evaluation (the Trainer evaluates between steps)
+    must keep the trainable layout. ``load_base_model`` calls this for every 4-bit model it loads.
     """
     try:
         import bitsandbytes as bnb

@@ -193,7 +193,6 @@ def load_model(args):
 
     from peft_bayes.cli.modeling import (
         check_model_source,
-        keep_4bit_layers_trainable,
         load_base_model,
         load_tokenizer,
         parse_dtype,
@@ -219,7 +218,6 @@ def load_model(args):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.use_gradient_checkpointing)
-        keep_4bit_layers_trainable(model)
     elif args.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

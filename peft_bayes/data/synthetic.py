@@ -10,6 +10,11 @@ Each problem adds or subtracts two small numbers, e.g.::
 A problem is identified by its *content*: the template it was written with and its two numbers. Names and objects
 are decoration drawn at random. :func:`make_arithmetic_problems` draws distinct contents, so the train and test files
 written by :func:`write_demo_data` never share one.
+
+:func:`make_choice_problems` turns them into multiple-choice questions in LLM-Adapters' commonsense format
+(``Answer1: ... Answer format: answer1/answer2/...``, output ``"the correct answer is answer2"``), or, with
+``kind="compare"``, asks which of several numbers is the largest (a differently worded set, e.g. for
+out-of-distribution tests); :func:`write_choice_data` writes a train and a test file of them.
 """
 
 from __future__ import annotations
@@ -193,6 +198,98 @@ def write_demo_data(
         The paths of ``train.json`` and ``test.json`` inside ``folder``.
     """
     problems = make_arithmetic_problems(n_train + n_test, seed=seed, max_operand=max_operand)
+    os.makedirs(folder, exist_ok=True)
+    train_path, test_path = os.path.join(folder, "train.json"), os.path.join(folder, "test.json")
+    _write_json_atomic(problems[:n_train], train_path)
+    _write_json_atomic(problems[n_train:], test_path)
+    return train_path, test_path
+
+
+CHOICE_KINDS = ("arithmetic", "compare")
+_COMPARE_QUESTION = "Which of these numbers is the largest?"
+
+
+def _choice_record(question: str, values: list[int], correct: int) -> dict[str, str]:
+    """A record in LLM-Adapters' commonsense format; ``values[correct]`` is the right option."""
+    options = " ".join(f"Answer{i + 1}: {v}" for i, v in enumerate(values))
+    labels = "/".join(f"answer{i + 1}" for i in range(len(values)))
+    label = f"answer{correct + 1}"
+    return {
+        "instruction": f"Please choose the correct answer to the question: {question}\n\n{options}\n\n"
+        f"Answer format: {labels}",
+        "input": "",
+        "output": f"the correct answer is {label}",
+        "answer": label,
+    }
+
+
+def _arithmetic_choices(n: int, seed: int, n_options: int, rng: random.Random) -> list[dict[str, str]]:
+    records = []
+    for problem in make_arithmetic_problems(n, seed=seed):
+        right = int(problem["answer"])
+        # Distractors near the right answer, never negative, all distinct.
+        pool = [v for v in range(max(0, right - 2 * n_options), right + 2 * n_options + 1) if v != right]
+        values = rng.sample(pool, n_options - 1)
+        correct = rng.randrange(n_options)
+        values.insert(correct, right)
+        records.append(_choice_record(problem["instruction"], values, correct))
+    return records
+
+
+def _compare_choices(n: int, n_options: int, rng: random.Random) -> list[dict[str, str]]:
+    seen: set[tuple[int, ...]] = set()
+    records = []
+    while len(records) < n:
+        values = rng.sample(range(100), n_options)
+        if tuple(values) in seen:
+            continue
+        seen.add(tuple(values))
+        records.append(_choice_record(_COMPARE_QUESTION, values, values.index(max(values))))
+    return records
+
+
+def make_choice_problems(n: int, seed: int = 0, n_options: int = 4, kind: str = "arithmetic") -> list[dict[str, str]]:
+    """Makes ``n`` multiple-choice problems in LLM-Adapters' commonsense format.
+
+    Example (``kind="arithmetic"``)::
+
+        {"instruction": "Please choose the correct answer to the question: Tom has 3 apples. He buys 4 more "
+                        "apples. How many apples does Tom have now?\\n\\nAnswer1: 6 Answer2: 7 Answer3: 9 "
+                        "Answer4: 2\\n\\nAnswer format: answer1/answer2/answer3/answer4",
+         "input": "", "output": "the correct answer is answer2", "answer": "answer2"}
+
+    Args:
+        n: Number of problems (at most 1008 for ``"arithmetic"``, the distinct arithmetic problems).
+        seed: Seed of the draw; the same arguments always give the same problems.
+        n_options: Options per question, 2 to 9. The right one sits at a uniformly random position; the others
+            are distinct from it and from each other.
+        kind: ``"arithmetic"`` (the word problems of :func:`make_arithmetic_problems`, distinct contents) or
+            ``"compare"`` ("Which of these numbers is the largest?", distinct option lists of numbers 0-99).
+
+    Raises:
+        InputError: ``kind``, ``n`` or ``n_options`` out of range.
+    """
+    if kind not in CHOICE_KINDS:
+        raise InputError(f"kind must be one of {'/'.join(CHOICE_KINDS)}, got {kind!r}")
+    if not 2 <= n_options <= 9:
+        raise InputError(f"n_options must be between 2 and 9, got {n_options}")
+    if n < 0:
+        raise InputError(f"n must not be negative, got {n}")
+    rng = random.Random(f"choice-{kind}-{seed}")
+    if kind == "arithmetic":
+        return _arithmetic_choices(n, seed, n_options, rng)
+    return _compare_choices(n, n_options, rng)
+
+
+def write_choice_data(
+    folder: str, n_train: int = 400, n_test: int = 100, seed: int = 0, n_options: int = 4, kind: str = "arithmetic"
+) -> tuple[str, str]:
+    """Writes ``train.json`` and ``test.json`` of :func:`make_choice_problems` (no problem in both) atomically.
+
+    Returns:
+        The paths of ``train.json`` and ``test.json`` inside ``folder``.
+    """
+    problems = make_choice_problems(n_train + n_test, seed=seed, n_options=n_options, kind=kind)
     os.makedirs(folder, exist_ok=True)
     train_path, test_path = os.path.join(folder, "train.json"), os.path.join(folder, "test.json")
     _write_json_atomic(problems[:n_train], train_path)

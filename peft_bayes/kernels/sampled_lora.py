@@ -61,9 +61,7 @@ def draw_noise(
     return LoraNoise(eps, signs(*tokens, cols), signs(*tokens, rows))
 
 
-def flipout_linear(
-    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, noise: LoraNoise | None
-) -> torch.Tensor:
+def flipout_linear(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, noise: LoraNoise | None) -> torch.Tensor:
     """``x W^T`` for W ~ N(mean, std^2) drawn by ``noise`` (None: W = mean). x: (..., cols) -> (..., rows)."""
     out = x @ mean.t()
     if noise is None:

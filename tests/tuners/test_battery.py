@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import registry
 from peft_bayes.cli import adapters
-from peft_bayes.cli.modeling import keep_4bit_layers_trainable
+from peft_bayes.cli.modeling import disable_bnb_cpu_repacking
 from peft_bayes.cli.train import build_parser
 from peft_bayes.errors import InputError
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model
@@ -228,7 +228,7 @@ def quantized_dirs(tmp_path_factory, tiny_tokenizer):
 def _load_4bit(folder):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q).eval()
-    keep_4bit_layers_trainable(model)  # these tests train after an eval forward (see the function's docstring)
+    disable_bnb_cpu_repacking(model)  # these tests train after an eval forward (see the function's docstring)
     return model
 
 
