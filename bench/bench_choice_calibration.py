@@ -8,8 +8,8 @@ Run (CPU, a few minutes; nothing downloaded)::
 What it does, every step through the repo-root scripts exactly as a user runs them:
 
 1. builds the demo's tiny LLaMA-shaped model (random, frozen; ``peft_bayes.tiny``) and writes a synthetic
-   4-option multiple-choice set in LLM-Adapters' commonsense format (``peft_bayes.data.synthetic.write_choice_data``:
-   arithmetic word problems, ``Answer1: ... Answer format: answer1/.../answer4``);
+   multiple-choice set in LLM-Adapters' commonsense format (``peft_bayes.data.synthetic.write_choice_data``:
+   arithmetic word problems or "which number is the largest", ``Answer1: ... Answer format: answer1/.../answer4``);
 2. ``train.py`` fine-tunes LoRA and BayesLoRA with the same rank, targets, learning rate, epochs and seed (BayesLoRA
    adds BLoB's KL term with its defaults: prior 0.2, eps 0.05, flipout, the ``blob`` KL schedule);
 3. ``evaluate.py`` scores the held-out set by option likelihood: LoRA once (deterministic), BayesLoRA with
@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n_train", type=int, default=800, help="training questions")
     p.add_argument("--n_test", type=int, default=200, help="held-out questions")
+    p.add_argument("--n_options", type=int, default=4, help="options per question (2-9)")
+    p.add_argument("--kind", default="arithmetic", choices=["arithmetic", "compare"], help="question type")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -103,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
-        train, test = map(Path, write_choice_data(str(work / "data"), args.n_train, args.n_test, seed=args.seed))
+        train, test = map(
+            Path,
+            write_choice_data(str(work / "data"), args.n_train, args.n_test, seed=args.seed, n_options=args.n_options),
+        )
         model = Path(save_tiny_model(work / "model", "llama", tokenizer=build_tokenizer(), **MODEL))
         log: list[str] = []
         results = []

@@ -10,17 +10,33 @@ independent draw per token, but costs two elementwise products instead of a weig
     h = x M^T + ((x * r_in) (sigma * E)^T) * r_out          (..., r)
     delta = s * h B^T                                        (..., d_out)
 
-``sampled_lora_delta`` is the call the layer makes. This file holds its reference implementation, which is also
-the CPU path and the test oracle for a fused Triton kernel that can take its place on GPUs behind the same call.
-Nothing here imports more than torch.
+Two implementations sit behind one call, ``add_sampled_lora`` (the only one the tuner layer makes):
+
+- the **reference** (``draw_noise``, ``flipout_linear``, ``sampled_lora_delta``): plain PyTorch, E and the signs
+  drawn by torch's generator and held in memory. CPU path and test oracle.
+- the **fused Triton path** (GPU; on CPU under ``TRITON_INTERPRET=1``): one kernel computes ``h = x M^T`` and the
+  flipout noise path reading x once, with E and the signs generated in registers by Philox from a (seed, offset)
+  and never written to memory; backward kernels regenerate them from the same seed. The B projection is then added
+  into the base layer's output buffer in place (``addmm_``), so no (tokens x d_out) temporary is made.
+
+``kernel_path`` picks one: Triton for CUDA tensors, the reference elsewhere; ``PEFT_BAYES_KERNEL=auto|triton|
+reference`` overrides (``triton`` on CPU tensors needs the interpreter). Nothing here imports more than torch and
+triton.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+try:  # triton is a Linux-only dependency; without it only the reference path exists
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on platforms without triton
+    triton = None
 
 
 @dataclass
@@ -105,3 +121,337 @@ def sampled_lora_delta(
     if b_bias is not None:
         out = out + b_bias
     return scaling * out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused Triton path. Shapes: x (T, K) tokens x d_in, M and S = sigma (R, K), B (N, R), h (T, R), result (T, N).
+# Noise layout, shared by every kernel so backward regenerates exactly what forward used:
+#   E[r, k]      = randn(seed,     r * K + k)
+#   r_in[t, k]   = sign of randint(seed + 1, t * K + k)
+#   r_out[t, r]  = sign of randint(seed + 2, t * R + r)
+# Offsets are int64 (Philox takes both 32-bit halves), so any T * K works.
+# ---------------------------------------------------------------------------------------------------------------
+
+KERNEL_ENV = "PEFT_BAYES_KERNEL"
+KERNEL_MODES = ("auto", "triton", "reference")
+MAX_RANK = 128
+
+if triton is not None:
+
+    @triton.jit
+    def _rademacher(seed, offsets):
+        # The low bit of one Philox draw per entry: +1 or -1 in float32.
+        return 1.0 - 2.0 * (tl.randint(seed, offsets) & 1).to(tl.float32)
+
+    @triton.jit
+    def _mm(a, b, DOT_F32: tl.constexpr):
+        # DOT_F32: operands upcast (fp32 inputs, and every dtype under the CPU interpreter, whose bf16 arithmetic is
+        # wrong: the kernels then upcast right after each load);
+        # "ieee" keeps fp32 products exact like torch's default matmul (no TF32). Else fp16/bf16 tensor cores,
+        # fp32 accumulation either way.
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _noise_kernel(e_ptr, sin_ptr, sout_ptr, T, K, R, seed, FLIPOUT: tl.constexpr, BLOCK: tl.constexpr):
+        # Writes E (R, K) and, with flipout, r_in (T, K) and r_out (T, R): for tests and debugging only.
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        tl.store(e_ptr + i, tl.randn(seed, i), mask=i < R * K)
+        if FLIPOUT:
+            tl.store(sin_ptr + i, _rademacher(seed + 1, i), mask=i < T * K)
+            tl.store(sout_ptr + i, _rademacher(seed + 2, i), mask=i < T * R)
+
+    @triton.jit
+    def _down_fwd_kernel(
+        x_ptr, m_ptr, s_ptr, h_ptr, T, K, R, seed,
+        NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        # One program: BLOCK_T tokens, all R ranks. Each x tile is read once and feeds both the mean product and the
+        # noise product; E and the signs live only in registers.
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        r = tl.arange(0, BLOCK_R).to(tl.int64)
+        t_ok, r_ok = t < T, r < R
+        acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)  # x M^T
+        acc_noise = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)  # (x * r_in) (S * E)^T
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            k_ok = k < K
+            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:
+                x = x.to(tl.float32)
+            w_off = r[:, None] * K + k[None, :]
+            w_ok = r_ok[:, None] & k_ok[None, :]
+            m = tl.load(m_ptr + w_off, mask=w_ok, other=0.0).to(x.dtype)
+            acc += _mm(x, tl.trans(m), DOT_F32)
+            if NOISE:
+                s = tl.load(s_ptr + w_off, mask=w_ok, other=0.0)
+                w = (s.to(tl.float32) * tl.randn(seed, w_off)).to(x.dtype)  # (R, K) sample of sigma * E
+                if FLIPOUT:
+                    x = x * _rademacher(seed + 1, t[:, None] * K + k[None, :]).to(x.dtype)
+                acc_noise += _mm(x, tl.trans(w), DOT_F32)
+        if NOISE:
+            if FLIPOUT:
+                acc_noise = acc_noise * _rademacher(seed + 2, t[:, None] * R + r[None, :])
+            acc += acc_noise
+        tl.store(h_ptr + t[:, None] * R + r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _down_bwd_dx_kernel(
+        dh_ptr, m_ptr, s_ptr, dx_ptr, T, K, R, seed,
+        NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        # dx = dh M + r_in * ((dh * r_out) (S * E)), one (BLOCK_T, BLOCK_K) tile per program; R fits one block.
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        r = tl.arange(0, BLOCK_R).to(tl.int64)
+        t_ok, k_ok, r_ok = t < T, k < K, r < R
+        w_off = r[:, None] * K + k[None, :]
+        w_ok = r_ok[:, None] & k_ok[None, :]
+        m = tl.load(m_ptr + w_off, mask=w_ok, other=0.0)
+        if DOT_F32:
+            m = m.to(tl.float32)
+        dh = tl.load(dh_ptr + t[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        dx = _mm(dh.to(m.dtype), m, DOT_F32)
+        if NOISE:
+            s = tl.load(s_ptr + w_off, mask=w_ok, other=0.0)
+            w = (s.to(tl.float32) * tl.randn(seed, w_off)).to(m.dtype)
+            if FLIPOUT:
+                dh = dh * _rademacher(seed + 2, t[:, None] * R + r[None, :])
+            dn = _mm(dh.to(m.dtype), w, DOT_F32)
+            if FLIPOUT:
+                dn = dn * _rademacher(seed + 1, t[:, None] * K + k[None, :])
+            dx += dn
+        tl.store(
+            dx_ptr + t[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & k_ok[None, :]
+        )
+
+    @triton.jit
+    def _down_bwd_dw_kernel(
+        x_ptr, dh_ptr, dm_ptr, ds_ptr, T, K, R, seed,
+        NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        # Program (k block, split s) sums tokens s, s + SPLIT, ... of dM = dh^T x and dS = E * ((dh * r_out)^T
+        # (x * r_in)) into fp32 partials (SPLIT, R, K); the host sums the splits (deterministic, no atomics).
+        pid_k, split, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        r = tl.arange(0, BLOCK_R).to(tl.int64)
+        k_ok, r_ok = k < K, r < R
+        acc_m = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+        acc_s = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+        for t0 in range(split * BLOCK_T, T, n_split * BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            t_ok = t < T
+            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:
+                x = x.to(tl.float32)
+            dh = tl.load(dh_ptr + t[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            acc_m += _mm(tl.trans(dh.to(x.dtype)), x, DOT_F32)
+            if NOISE:
+                if FLIPOUT:
+                    dh = dh * _rademacher(seed + 2, t[:, None] * R + r[None, :])
+                    x = x * _rademacher(seed + 1, t[:, None] * K + k[None, :]).to(x.dtype)
+                acc_s += _mm(tl.trans(dh.to(x.dtype)), x, DOT_F32)
+        w_off = r[:, None] * K + k[None, :]
+        w_ok = r_ok[:, None] & k_ok[None, :]
+        part = split.to(tl.int64) * R * K
+        tl.store(dm_ptr + part + w_off, acc_m, mask=w_ok)
+        if NOISE:
+            tl.store(ds_ptr + part + w_off, acc_s * tl.randn(seed, w_off), mask=w_ok)
+
+
+def _interpreting() -> bool:
+    """Whether triton was imported in interpreter mode (``TRITON_INTERPRET=1`` before the import)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # pragma: no cover - older triton
+
+
+def _blocks(t: int, k: int, r: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_K, BLOCK_R): R padded to a power of two (>= 16, tl.dot's minimum), smaller tiles for big R
+    so the fp32 accumulators stay in registers."""
+    block_r = max(16, triton.next_power_of_2(r))
+    block_t = min(64 if block_r <= 32 else 32, max(16, triton.next_power_of_2(t)))
+    block_k = min(64 if block_r <= 64 else 32, max(16, triton.next_power_of_2(k)))
+    return block_t, block_k, block_r
+
+
+def philox_noise(
+    seed: int, tokens: int, factor_shape: tuple[int, int], flipout: bool = True, device="cpu"
+) -> LoraNoise:
+    """The exact E and signs the fused kernels generate for ``seed`` (float32), as a [`LoraNoise`] for the reference.
+
+    Materialises what the kernels never store: for tests (kernel vs reference with identical noise) and debugging.
+    """
+    if triton is None:
+        raise RuntimeError("philox_noise needs triton")
+    rows, cols = factor_shape
+    eps = torch.empty(rows, cols, device=device)
+    sign_in = torch.empty(tokens, cols, device=device) if flipout else eps
+    sign_out = torch.empty(tokens, rows, device=device) if flipout else eps
+    n = max(rows * cols, tokens * cols if flipout else 0)
+    _noise_kernel[(triton.cdiv(n, 1024),)](
+        eps, sign_in, sign_out, tokens, cols, rows, seed, FLIPOUT=flipout, BLOCK=1024
+    )
+    return LoraNoise(eps, sign_in, sign_out) if flipout else LoraNoise(eps)
+
+
+def _down_forward(x, m, s, seed: int, noise: bool, flipout: bool) -> torch.Tensor:
+    """h = x M^T (+ flipout noise): (T, R) float32."""
+    (t, k), r = x.shape, m.shape[0]
+    h = torch.empty(t, r, device=x.device, dtype=torch.float32)
+    bt, bk, br = _blocks(t, k, r)
+    dot_f32 = x.dtype == torch.float32 or _interpreting()
+    _down_fwd_kernel[(triton.cdiv(t, bt),)](
+        x, m, s, h, t, k, r, seed, NOISE=noise, FLIPOUT=flipout, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br
+    )
+    return h
+
+
+def _down_backward(x, m, s, dh, seed: int, noise: bool, flipout: bool, need_dx: bool):
+    """(dx, dM, dS) of h = x M^T + noise path, given dh (T, R) float32; dM and dS in float32."""
+    (t, k), r = x.shape, m.shape[0]
+    bt, bk, br = _blocks(t, k, r)
+    flags = {"NOISE": noise, "FLIPOUT": flipout, "DOT_F32": x.dtype == torch.float32 or _interpreting()}
+    flags.update(BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br)
+    dx = None
+    if need_dx:
+        dx = torch.empty_like(x)
+        _down_bwd_dx_kernel[(triton.cdiv(t, bt), triton.cdiv(k, bk))](dh, m, s, dx, t, k, r, seed, **flags)
+    # Enough splits over tokens to fill the GPU when K has few blocks; each split's partial is only (R, K).
+    n_split = max(1, min(triton.cdiv(t, bt), 256 // triton.cdiv(k, bk)))
+    dm = torch.empty(n_split, r, k, device=x.device, dtype=torch.float32)
+    ds = torch.empty_like(dm) if noise else dm
+    _down_bwd_dw_kernel[(triton.cdiv(k, bk), n_split)](x, dh, dm, ds, t, k, r, seed, **flags)
+    return dx, dm.sum(0), (ds.sum(0) if noise else None)
+
+
+class _FusedSampledLora(torch.autograd.Function):
+    """result += s * B h, h = x M^T + ((x * r_in) (S * E)^T) * r_out, in place on ``result`` (the base output)."""
+
+    @staticmethod
+    def forward(ctx, result, x, m, s, b, scaling: float, seed: int, noise: bool, flipout: bool):
+        # result (T, N) base layer output, x (T, K), m / s (R, K), b (N, R); s is m when noise is off.
+        h = _down_forward(x, m, s, seed, noise, flipout)  # (T, R) float32: small, kept for dB
+        result.addmm_(h.to(result.dtype), b.t().to(result.dtype), alpha=scaling)  # cuBLAS, into the base buffer
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x, m, s, b, h)
+        ctx.args = (scaling, seed, noise, flipout)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, m, s, b, h = ctx.saved_tensors
+        scaling, seed, noise, flipout = ctx.args
+        need_x, need_m, need_s, need_b = ctx.needs_input_grad[1:5]
+        db = (grad.t() @ h.to(grad.dtype)).mul_(scaling).to(b.dtype) if need_b else None  # (N, R)
+        dx = dm = ds = None
+        if need_x or need_m or (noise and need_s):
+            dh = (grad @ b.to(grad.dtype)).float().mul_(scaling)  # (T, R)
+            dx, dm, ds = _down_backward(x, m, s, dh, seed, noise, flipout, need_x)
+            dm = dm.to(m.dtype) if need_m else None
+            ds = ds.to(s.dtype) if (noise and need_s) else None
+        return grad, dx, dm, ds, db, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch: the one call the tuner layer makes.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def draw_seed() -> int:
+    """A Philox seed for one fused forward, from torch's default CPU generator (no device sync; reproducible under
+    ``torch.manual_seed``; replayed by gradient checkpointing, which restores the CPU RNG state)."""
+    return int(torch.randint(0, 2**31 - 3, (1,)).item())  # seed + 2 must stay below 2**31
+
+
+def kernel_mode() -> str:
+    """``PEFT_BAYES_KERNEL`` (default ``auto``), validated."""
+    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{KERNEL_ENV}={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def kernel_path(x: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for an input on ``x``'s device: Triton on CUDA tensors, the reference
+    elsewhere, unless ``PEFT_BAYES_KERNEL`` says otherwise (``triton`` on CPU tensors runs the interpreter).
+
+    Raises:
+        RuntimeError: ``PEFT_BAYES_KERNEL=triton`` where triton cannot run these tensors.
+    """
+    mode = kernel_mode()
+    if mode == "reference" or (mode == "auto" and (triton is None or x.device.type != "cuda")):
+        return "reference"
+    if triton is None:
+        raise RuntimeError(f"{KERNEL_ENV}=triton but triton is not installed")
+    if x.device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            f"{KERNEL_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return "triton"
+
+
+def add_sampled_lora(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    *,
+    std: torch.Tensor | None = None,
+    factor: str = "A",
+    flipout: bool = True,
+    eps: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``result + s * (B A x + bias)`` with the Bayesian factor sampled; the fused path updates ``result`` in place.
+
+    Args:
+        result: (..., d_out) the base layer's output.
+        x: (..., d_in) the adapter's input (after LoRA dropout), in the adapter's dtype.
+        a, b: (r, d_in) and (d_out, r): A and B, the Bayesian one as its posterior mean.
+        scaling: LoRA's scaling s.
+        std: posterior std of the Bayesian factor (same shape as it); None: the mean, no noise.
+        factor: ``"A"`` (BLoB) or ``"B"``: which factor ``std`` belongs to.
+        flipout: per-token signs on fresh draws.
+        eps: a fixed draw E of the Bayesian factor (``posterior_sample``): W = mean + std * eps for every token.
+        b_bias: LoRA's optional bias on B.
+        seed: Philox seed of the fused path (default: drawn from torch's CPU generator, so ``torch.manual_seed``
+            and gradient checkpointing's RNG replay apply).
+
+    Returns:
+        The updated output (``result`` itself on the fused path), in ``result``'s dtype.
+    """
+    if eps is not None:  # one fixed weight sample: a deterministic LoRA with that factor
+        if factor == "A":
+            a = a + std * eps.to(a.dtype)
+        else:
+            b = b + std * eps.to(b.dtype)
+        std = None
+    fused = kernel_path(x) == "triton" and b_bias is None and (std is None or factor == "A") and a.shape[0] <= MAX_RANK
+    if not fused:  # reference: factor B, a bias on B, rank > 128, or not a triton device
+        noise = None
+        if std is not None:
+            tokens = x.shape[:-1]
+            noise = draw_noise(tokens, tuple(std.shape), flipout, device=x.device, dtype=x.dtype)
+        kw = {"a_std": std} if factor == "A" else {"b_std": std}
+        return result + sampled_lora_delta(x, a, b, scaling, noise=noise, b_bias=b_bias, **kw).to(result.dtype)
+    if seed is None:
+        seed = draw_seed()
+    out = result if result.is_contiguous() else result.contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if torch.is_autocast_enabled(x.device.type):  # mixed precision: the kernels run in the autocast dtype, as F.linear
+        cast = torch.get_autocast_dtype(x.device.type)
+        x2, a, b, std = (v if v is None else v.to(cast) for v in (x2, a, b, std))
+    a, b = a.contiguous(), b.contiguous()
+    s = std.contiguous() if std is not None else a
+    flat = _FusedSampledLora.apply(
+        out.view(-1, out.shape[-1]), x2, a, s, b, float(scaling), seed, std is not None, flipout
+    )
+    return flat.view(out.shape)

@@ -41,6 +41,13 @@ BAYES_FIELDS = ("prior_std", "init_std", "std_param", "flipout", "kl_schedule", 
                 "bayesian_factor")  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch):
+    """These tests replay torch's own draws (``draw_noise``): the reference path. The fused Triton path, whose noise
+    comes from Philox, is tested against the same references in tests/kernels/test_sampled_lora_triton.py."""
+    monkeypatch.setenv("PEFT_BAYES_KERNEL", "reference")
+
+
 @pytest.fixture(scope="module")
 def bases(tiny_tokenizer):
     return {a: build_tiny_model(a, tiny_tokenizer, hidden_size=32, num_heads=4) for a in ("llama", "gpt2")}

@@ -25,7 +25,7 @@ from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_bayes.kernels.sampled_lora import LoraNoise, draw_noise, sampled_lora_delta
+from peft_bayes.kernels.sampled_lora import add_sampled_lora
 from peft_bayes.tuners.bayeslora.config import BayesLoraConfig
 
 SAMPLE, MEAN = "sample", "mean"
@@ -95,17 +95,13 @@ class BayesLoraLayer(LoraLayer):
         eps = torch.randn(rho.shape, generator=generator, dtype=torch.float32)
         self.bayeslora_fixed_eps[adapter_name] = eps.to(device=rho.device, dtype=rho.dtype)
 
-    def noise_for(self, adapter_name: str, x: torch.Tensor) -> LoraNoise | None:
-        """The draws this forward pass uses, or None for the posterior mean."""
+    def draw_mode(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(std, fixed E) for this forward pass: (None, None) for the posterior mean, (std, None) for fresh draws,
+        (std, E) inside ``posterior_sample``."""
         if adapter_name in self.bayeslora_fixed_eps:
-            return LoraNoise(self.bayeslora_fixed_eps[adapter_name])
+            return self.posterior_std(adapter_name), self.bayeslora_fixed_eps[adapter_name]
         mode = self.bayeslora_mode or (SAMPLE if self.training else MEAN)
-        if mode == MEAN:
-            return None
-        rho = self.bayeslora_rho[adapter_name]
-        return draw_noise(
-            x.shape[:-1], tuple(rho.shape), self.bayeslora_spec[adapter_name].flipout, device=x.device, dtype=x.dtype
-        )
+        return (None, None) if mode == MEAN else (self.posterior_std(adapter_name), None)
 
 
 class BayesLoraVariant(LoraVariant):
@@ -142,20 +138,20 @@ class BayesLoraVariant(LoraVariant):
     ) -> torch.Tensor:
         lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         x = module.lora_dropout[active_adapter](x.to(lora_a.weight.dtype))
-        noise = module.noise_for(active_adapter, x)
-        std = module.posterior_std(active_adapter) if noise is not None else None
-        factor_a = module.bayeslora_spec[active_adapter].factor == "A"
-        delta = sampled_lora_delta(
+        std, eps = module.draw_mode(active_adapter)
+        spec = module.bayeslora_spec[active_adapter]
+        return add_sampled_lora(
+            result,
             x,
             lora_a.weight,
             lora_b.weight,
             module.scaling[active_adapter],
-            a_std=std if factor_a else None,
-            b_std=None if factor_a else std,
-            noise=noise,
+            std=std,
+            factor=spec.factor,
+            flipout=spec.flipout,
+            eps=eps,
             b_bias=lora_b.bias,
         )
-        return result + delta.to(result.dtype)
 
 
 class Linear(BayesLoraLayer, LoraLinear):
@@ -181,6 +177,19 @@ if is_bnb_4bit_available():
 
     class Linear4bit(BayesLoraLayer, LoraLinear4bit):
         """Bayesian LoRA beside a bitsandbytes 4-bit (NF4 / FP4) layer: the quantized weight is never touched."""
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # PEFT's 4-bit forward copies the base output (a tokens x d_out temporary per layer) before adding the
+            # adapters; the fused path adds into the bitsandbytes output buffer in place, through an autograd
+            # Function that marks it dirty, so the plain case skips that copy. Anything else goes to PEFT.
+            if self.disable_adapters or self.merged or "adapter_names" in kwargs or "alora_offsets" in kwargs:
+                return super().forward(x, *args, **kwargs)
+            self._check_forward_args(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    result = BayesLoraVariant.forward(self, active_adapter=name, x=x, result=result)
+            return result
 
         def __repr__(self) -> str:
             return "bayeslora." + super().__repr__()

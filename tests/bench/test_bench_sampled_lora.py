@@ -1,0 +1,119 @@
+"""End-to-end smoke runs of bench/bench_sampled_lora.py on CPU (Triton's interpreter) at tiny shapes: the outputs
+exist, are well-formed, hold every case and configuration, and their ratios agree with their times. No timing is
+asserted (speed is measured by the benchmark itself, not by tests)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "bench_sampled_lora.py"
+BASES, SHAPES, TOKENS, RANKS = ["fp", "nf4"], ["48x40", "64x32"], [16], [2, 4]
+CONFIGS = ["base", "peft_lora", "fused_lora", "reference_bayeslora", "fused_bayeslora"]
+TINY = ["--device", "cpu", "--dtype", "float32", "--reps", "2", "--warmup", "0"]
+KERNEL = {"fused_lora": "triton", "reference_bayeslora": "reference", "fused_bayeslora": "triton"}
+MD_HEADER = "| base | shape | tokens | rank | config | kernel | fwd ms | bwd ms | fwd+bwd ms |"
+
+
+def run_bench(out_dir: Path, *flags: str, interpret: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("PEFT_BAYES_KERNEL", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, str(SCRIPT), *TINY, *flags, "--output_dir", str(out_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _strict_json(path: Path):
+    def no_constants(name):
+        raise ValueError(f"{path.name} holds {name}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def _num(text: str) -> float:
+    return math.nan if text in ("", "nan") else float(text)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def check_ratios(rows: list[dict]) -> None:
+    """Every ratio and difference in a row equals the one recomputed from the times of its case."""
+    case = {r["config"]: r for r in rows}
+    base, lora, ref = (float(case[c]["fwdbwd_ms"]) for c in ("base", "peft_lora", "reference_bayeslora"))
+    assert float(case["peft_lora"]["fwdbwd_vs_peft_lora"]) == 1.0 and float(case["base"]["fwdbwd_vs_base"]) == 1.0
+    for row in rows:
+        t = float(row["fwdbwd_ms"])
+        assert _same(float(row["fwdbwd_vs_peft_lora"]), t / lora), row
+        assert _same(float(row["fwdbwd_vs_base"]), t / base), row
+        assert _same(float(row["adapter_ms"]), t - base), row
+        assert row["peak_mib"] == "" and row["extra_peak_vs_peft_lora_mib"] == "", row  # not measured on CPU
+        if row["config"] == "fused_bayeslora":
+            assert _same(float(row["fwdbwd_vs_reference"]), t / ref), row
+            expected = (t - base) / (ref - base) if ref > base else math.nan
+            assert _same(_num(row["adapter_vs_reference"]), expected), row
+        else:
+            assert row["fwdbwd_vs_reference"] == row["adapter_vs_reference"] == "", row
+
+
+def test_bench_sampled_lora_writes_wellformed_outputs(tmp_path):
+    flags = ["--bases", ",".join(BASES), "--shapes", ",".join(SHAPES)]
+    flags += ["--tokens", ",".join(map(str, TOKENS)), "--ranks", ",".join(map(str, RANKS))]
+    proc = run_bench(tmp_path, *flags)
+
+    with open(tmp_path / "sampled_lora.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = list(itertools.product(BASES, SHAPES, TOKENS, RANKS, CONFIGS))
+    assert [(r["base"], r["shape"], int(r["tokens"]), int(r["rank"]), r["config"]) for r in rows] == expected
+    for row in rows:
+        for key in ("fwd_ms", "bwd_ms", "fwdbwd_ms"):
+            assert math.isfinite(float(row[key])) and float(row[key]) > 0, (key, row)
+        base_kernel = "bnb" if row["base"] == "nf4" and row["config"] == "base" else "torch"
+        assert row["kernel"] == KERNEL.get(row["config"], base_kernel), row
+        if row["config"] == "fused_lora":  # same weights as peft_lora in the mean: the same layer output
+            assert float(row["max_rel_diff_vs_peft_lora"]) < 1e-4, row
+    for i in range(0, len(rows), len(CONFIGS)):
+        check_ratios(rows[i : i + len(CONFIGS)])
+
+    data = _strict_json(tmp_path / "sampled_lora.json")
+    assert data["settings"]["shapes"] == SHAPES and data["settings"]["ranks"] == RANKS
+    assert data["torch"] and data["triton"] and data["device_name"].startswith("cpu")
+    assert data["triton_interpret"] == "1" and data["peak_memory"] == "not measured on CPU"
+    assert set(data["summary"]) == set(BASES) and len(data["rows"]) == len(expected)
+    for row in data["rows"]:
+        assert row["peak_mib"] is None
+        for phase in ("fwd", "bwd", "fwdbwd"):
+            low, high = row["spread_ms"][phase]
+            assert 0 < low <= row[f"{phase}_ms"] <= high, (phase, row)
+
+    lines = (tmp_path / "sampled_lora.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith(MD_HEADER))
+    table = lines[header : header + 2 + len(expected)]
+    assert len(table) == 2 + len(expected) and len({line.count("|") for line in table}) == 1
+    assert all(line.count("n/a") >= 2 for line in table[2:])  # peak and extra peak on CPU
+    assert MD_HEADER in proc.stdout
+
+
+def test_bench_sampled_lora_sets_interpreter_and_takes_config_subsets(tmp_path):
+    # No TRITON_INTERPRET in the environment: --device cpu sets it before the kernels are imported.
+    flags = ["--bases", "fp", "--shapes", "40x24", "--tokens", "8", "--ranks", "2"]
+    flags += ["--configs", "fused_bayeslora,base"]  # given out of order: rows come in the canonical order
+    run_bench(tmp_path, *flags, interpret=False)
+    with open(tmp_path / "sampled_lora.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["base", "fused_bayeslora"] and rows[1]["kernel"] == "triton"
+    assert rows[1]["fwdbwd_vs_peft_lora"] == "" and rows[1]["fwdbwd_vs_reference"] == ""  # their baselines not run
+    assert _same(float(rows[1]["fwdbwd_vs_base"]), float(rows[1]["fwdbwd_ms"]) / float(rows[0]["fwdbwd_ms"]))
+    assert _strict_json(tmp_path / "sampled_lora.json")["triton_interpret"] == "1"
