@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "seed": 0, "initializer_range": 0.125}
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-BAYES_FLAGS = ["--prior_std", "0.2", "--bayes_eps", "0.05", "--kl_schedule", "blob", "--kl_weight", "1.0"]
+BAYES_FLAGS = ["--prior_std", "0.2", "--bayes_eps", "0.05", "--kl_schedule", "blob"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--kl_weight", type=float, default=1.0, help="BayesLoRA: factor on KL / N (BLoB: 1)")
     p.add_argument("--samples", type=int, default=10, help="posterior samples of the Bayesian evaluation")
     p.add_argument("--seed", type=int, default=0, help="data, training and sampling seed")
     p.add_argument("--output_dir", default=str(ROOT / "bench" / "results"))
@@ -70,7 +71,7 @@ def train_flags(args, data: Path, model: Path, out: Path, adapter: str) -> list[
         "--save_step", "100000", "--logging_steps", "50", "--train_on_inputs", "false",
         "--prompt_template", "alpaca_short", "--seed", str(args.seed),
     ]  # fmt: skip
-    return flags + (BAYES_FLAGS if adapter == "bayeslora" else [])
+    return flags + ([*BAYES_FLAGS, "--kl_weight", str(args.kl_weight)] if adapter == "bayeslora" else [])
 
 
 def evaluate(args, model: Path, adapter: Path, test: Path, out: Path, samples: int, log: list[str]) -> dict:
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or tmp)
         train, test = map(
             Path,
-            write_choice_data(str(work / "data"), args.n_train, args.n_test, seed=args.seed, n_options=args.n_options),
+            write_choice_data(
+                str(work / "data"), args.n_train, args.n_test, seed=args.seed, n_options=args.n_options, kind=args.kind
+            ),
         )
         model = Path(save_tiny_model(work / "model", "llama", tokenizer=build_tokenizer(), **MODEL))
         log: list[str] = []

@@ -63,7 +63,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,6 +99,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 from peft_bayes import BayesLoraConfig, sampling  # noqa: E402
+from peft_bayes.cli.common import positive_ints, write_text_atomic  # noqa: E402
 from peft_bayes.cli.modeling import disable_bnb_cpu_repacking  # noqa: E402
 from peft_bayes.kernels import sampled_lora  # noqa: E402
 
@@ -146,16 +146,6 @@ class Case:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
-
-
 def _shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for item in text.split(","):
@@ -180,8 +170,8 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", type=_shapes, default=_shapes("4096x4096,4096x14336,14336x4096"), help="d_inxd_out")
-    p.add_argument("--tokens", type=_ints, default=[512, 2048, 8192, 16384], help="rows of x, e.g. 512,2048")
-    p.add_argument("--ranks", type=_ints, default=[8, 16, 64], help="LoRA ranks, e.g. 8,16")
+    p.add_argument("--tokens", type=positive_ints, default=[512, 2048, 8192, 16384], help="rows of x, e.g. 512,2048")
+    p.add_argument("--ranks", type=positive_ints, default=[8, 16, 64], help="LoRA ranks, e.g. 8,16")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="x, base / compute and adapter dtype")
     p.add_argument("--bases", type=_names(BASES), default=list(BASES), help="fp (nn.Linear), nf4 (bnb Linear4bit)")
     p.add_argument("--configs", type=_names(tuple(CONFIGS)), default=list(CONFIGS), help="subset of the configs")
@@ -522,18 +512,6 @@ def markdown(rows: list[dict[str, Any]], summary: dict, env: dict[str, Any]) -> 
     return "\n".join(head + table) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes to a temporary file beside ``path``, then renames: a failed run leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     """NaN / inf become null: the JSON stays strict."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -554,11 +532,11 @@ def write_outputs(out_dir: Path, rows: list[dict], summary: dict, env: dict) -> 
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out_dir / f"{STEM}.csv", buf.getvalue())
+    write_text_atomic(out_dir / f"{STEM}.csv", buf.getvalue())
     payload = _json_safe({**env, "summary": summary, "rows": rows})
-    _write_atomic(out_dir / f"{STEM}.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / f"{STEM}.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     md_path = out_dir / f"{STEM}.md"
-    _write_atomic(md_path, markdown(rows, summary, env))
+    write_text_atomic(md_path, markdown(rows, summary, env))
     return md_path
 
 
