@@ -168,14 +168,17 @@ if triton is not None:
         NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
-        # One program: BLOCK_T tokens, all R ranks. Each x tile is read once and feeds both the mean product and the
-        # noise product; E and the signs live only in registers.
+        # Program (token block, split s): BLOCK_T tokens, all R ranks, K blocks s, s + SPLIT, ... (split-K fills the
+        # GPU when there are few token blocks). Each x tile is read once and feeds both the mean product and the noise
+        # product; E and the signs live only in registers. Output: fp32 partial sums (SPLIT, T, R), summed by the host
+        # (r_out is per (token, rank), so it applies to each partial).
+        split, n_split = tl.program_id(1), tl.num_programs(1)
         t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         r = tl.arange(0, BLOCK_R).to(tl.int64)
         t_ok, r_ok = t < T, r < R
         acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)  # x M^T
         acc_noise = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)  # (x * r_in) (S * E)^T
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(split * BLOCK_K, K, n_split * BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_ok = k < K
             x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -195,7 +198,8 @@ if triton is not None:
             if FLIPOUT:
                 acc_noise = acc_noise * _rademacher(seed + 2, t[:, None] * R + r[None, :])
             acc += acc_noise
-        tl.store(h_ptr + t[:, None] * R + r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
+        h_off = split.to(tl.int64) * T * R + t[:, None] * R + r[None, :]
+        tl.store(h_ptr + h_off, acc, mask=t_ok[:, None] & r_ok[None, :])
 
     @triton.jit
     def _down_bwd_dx_kernel(
@@ -300,16 +304,25 @@ def philox_noise(
     return LoraNoise(eps, sign_in, sign_out) if flipout else LoraNoise(eps)
 
 
-def _down_forward(x, m, s, seed: int, noise: bool, flipout: bool) -> torch.Tensor:
-    """h = x M^T (+ flipout noise): (T, R) float32."""
+def _k_splits(x: torch.Tensor, token_blocks: int, k_blocks: int) -> int:
+    """Split-K factor of the forward: about four programs per SM on a GPU, none on CPU (the interpreter is serial)."""
+    if x.device.type != "cuda":
+        return 1
+    programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return max(1, min(k_blocks, triton.cdiv(programs, token_blocks)))
+
+
+def _down_forward(x, m, s, seed: int, noise: bool, flipout: bool, n_split: int | None = None) -> torch.Tensor:
+    """h = x M^T (+ flipout noise): (T, R) float32. ``n_split``: split-K factor (default: by device)."""
     (t, k), r = x.shape, m.shape[0]
-    h = torch.empty(t, r, device=x.device, dtype=torch.float32)
     bt, bk, br = _blocks(t, k, r)
+    n_split = n_split or _k_splits(x, triton.cdiv(t, bt), triton.cdiv(k, bk))
+    h = torch.empty(n_split, t, r, device=x.device, dtype=torch.float32)
     dot_f32 = x.dtype == torch.float32 or _interpreting()
-    _down_fwd_kernel[(triton.cdiv(t, bt),)](
+    _down_fwd_kernel[(triton.cdiv(t, bt), n_split)](
         x, m, s, h, t, k, r, seed, NOISE=noise, FLIPOUT=flipout, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br
     )
-    return h
+    return h[0] if n_split == 1 else h.sum(0)
 
 
 def _down_backward(x, m, s, dh, seed: int, noise: bool, flipout: bool, need_dx: bool):

@@ -123,6 +123,18 @@ def test_fused_matches_reference_half(shape, dtype):
     _check_close(got, want, dtype, f"{shape} {dtype}")
 
 
+@pytest.mark.parametrize("flipout", [True, False])
+def test_split_k_forward_equals_one_pass(flipout):
+    """The GPU splits K over programs (partial sums per split); every split count gives the same h."""
+    x, m, rho, *_ = _inputs(40, 200, 8, 5, torch.float32, seed=9)
+    one = sl._down_forward(x, m, rho**2, 21, True, flipout, n_split=1)
+    for n_split in (2, 3, 5):  # 200 = 4 blocks of 64: uneven shares, and with 5 a split with no block
+        torch.testing.assert_close(sl._down_forward(x, m, rho**2, 21, True, flipout, n_split=n_split), one)
+    draws = _noise64(21, 40, (5, 200), flipout)
+    want = sl.flipout_linear(x.double(), m.double(), rho.double() ** 2, draws)
+    assert (one.double() - want).abs().max() <= RTOL[torch.float32] * want.abs().max()
+
+
 def test_check_detects_a_different_draw():
     """The comparison can fail: another seed, or the reference without flipout signs, is far outside it."""
     args = _inputs(37, 65, 40, 16, torch.float32, seed=1)
