@@ -24,6 +24,9 @@ The configurations (``--configs``):
   flipout on factor A) with ``PEFT_BAYES_KERNEL=reference``: E (r x d_in) and the per-token signs (tokens x d_in,
   tokens x r) are drawn by torch and held in memory.
 - ``fused_bayeslora``: the same sampling layer with ``PEFT_BAYES_KERNEL=triton``: E and signs generated in registers.
+- ``triton_nf4_base`` (NF4 base only): the frozen base product through ``peft_bayes.kernels.nf4_matmul`` (codes
+  dequantised inside the matmul tile) instead of bitsandbytes' dequantise + matmul; its ``vs base`` ratio answers
+  whether that kernel should take over the 4-bit base product.
 
 The layer module itself is called (not the ``PeftModel``), with autograd on and x requiring grad. For each
 configuration:
@@ -102,6 +105,7 @@ from peft_bayes import BayesLoraConfig, sampling  # noqa: E402
 from peft_bayes.cli.common import positive_ints, write_text_atomic  # noqa: E402
 from peft_bayes.cli.modeling import disable_bnb_cpu_repacking  # noqa: E402
 from peft_bayes.kernels import sampled_lora  # noqa: E402
+from peft_bayes.kernels.nf4_matmul import nf4_matmul  # noqa: E402
 
 STEM = "sampled_lora"
 MiB = 2**20
@@ -115,7 +119,7 @@ class Config:
     """One benchmarked configuration: which layer, which kernel path, which sampling mode."""
 
     name: str
-    layer: str  # "base", "lora" (PEFT) or "bayes" (BayesLoRA)
+    layer: str  # "base", "lora" (PEFT), "bayes" (BayesLoRA) or "nf4_triton" (the NF4 base through our kernel)
     kernel: str | None = None  # PEFT_BAYES_KERNEL while it runs
     sample: bool | None = None  # BayesLoRA: fresh draws (True) or the posterior mean (False)
 
@@ -128,8 +132,20 @@ CONFIGS = {
         Config("fused_lora", "bayes", kernel="triton", sample=False),
         Config("reference_bayeslora", "bayes", kernel="reference", sample=True),
         Config("fused_bayeslora", "bayes", kernel="triton", sample=True),
+        Config("triton_nf4_base", "nf4_triton"),  # nf4 base only: is our dequantise-in-the-tile matmul faster?
     )
 }
+
+
+class TritonNf4Base(nn.Module):
+    """The frozen NF4 base layer's product through ``peft_bayes.kernels.nf4_matmul`` instead of bitsandbytes."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_matmul(x, self.base.weight, self.base.bias)
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,8 @@ def kernel_used(config: Config, case: Case, x: torch.Tensor) -> str:
         return "bnb" if case.base == "nf4" else "torch"
     if config.layer == "lora":
         return "torch"
+    if config.layer == "nf4_triton":
+        return "triton"
     max_rank = getattr(sampled_lora, "MAX_RANK", case.rank)  # the fused path's limit; above it, the reference
     fused = sampled_lora.kernel_path(x) == "triton" and case.rank <= max_rank
     return "triton" if fused else "reference"
@@ -357,8 +375,9 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per configuration of ``case``, each with its raw measurements (ratios come later)."""
     dtype, device = DTYPES[args.dtype], args.device
     base = make_base(case, dtype, device, args.seed)
-    names = args.configs
-    layers: dict[str, nn.Module] = {"base": base}
+    # The Triton NF4 product replaces bitsandbytes' base: it only exists on the nf4 base.
+    names = [n for n in args.configs if case.base == "nf4" or CONFIGS[n].layer != "nf4_triton"]
+    layers: dict[str, nn.Module] = {"base": base, "nf4_triton": TritonNf4Base(base)}
     if "peft_lora" in names:
         layers["lora"] = make_adapter(base, case, bayes=False, dtype=dtype, seed=args.seed)
     if any(CONFIGS[n].layer == "bayes" for n in names):
@@ -434,6 +453,7 @@ SUMMARY = (  # (label, config, row key): geometric mean over the cases of one ba
     ("reference_bayeslora / peft_lora", "reference_bayeslora", "fwdbwd_vs_peft_lora"),
     ("fused_lora / peft_lora", "fused_lora", "fwdbwd_vs_peft_lora"),
     ("peft_lora / base", "peft_lora", "fwdbwd_vs_base"),
+    ("triton NF4 base / bitsandbytes NF4 base", "triton_nf4_base", "fwdbwd_vs_base"),
 )
 
 
