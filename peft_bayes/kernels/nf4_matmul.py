@@ -10,7 +10,8 @@ Layout (bitsandbytes ``quantize_4bit``, any quant type): W (N, K) flattened row-
 i // 2 (even i in the high nibble), scaled by ``absmax[i // blocksize]``. Double quantisation stores absmax itself
 8-bit quantised: it is dequantised once on the host (N * K / blocksize floats, small).
 
-``nf4_matmul_reference`` (dequantise with bitsandbytes, then matmul) is the test oracle and the CPU path.
+``nf4_matmul_reference`` (the whole weight dequantised in plain torch, then one matmul: what bitsandbytes does) is
+the test oracle. Nothing here imports more than torch and triton.
 """
 
 from __future__ import annotations
@@ -84,12 +85,22 @@ if triton is not None:
 
 
 def _absmax(quant_state) -> torch.Tensor:
-    """Per-block absmax in float32, undoing double quantisation (bitsandbytes' own dequantize_blockwise)."""
+    """Per-block absmax in float32, undoing double quantisation: the 8-bit absmax codes index ``state2.code`` and are
+    scaled by their own block's ``state2.absmax``, plus ``offset``."""
     if not quant_state.nested:
         return quant_state.absmax.float()
-    from bitsandbytes.functional import dequantize_blockwise
+    q, inner = quant_state.absmax, quant_state.state2
+    scale = inner.absmax.float().repeat_interleave(inner.blocksize)[: q.numel()]
+    return inner.code.float()[q.long()] * scale + quant_state.offset
 
-    return (dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+
+def dequantize_4bit_reference(weight) -> torch.Tensor:
+    """The whole (d_out, d_in) float32 weight from a bitsandbytes ``Params4bit``, in plain torch (the test oracle)."""
+    qs = weight.quant_state
+    packed = weight.data.reshape(-1).view(torch.uint8).long()
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)  # element 2j: high nibble of byte j
+    values = qs.code.float()[codes] * _absmax(qs).repeat_interleave(qs.blocksize)[: codes.numel()]
+    return values[: qs.shape[0] * qs.shape[1]].reshape(qs.shape)
 
 
 def _tiles(dtype: torch.dtype) -> dict:
@@ -151,9 +162,6 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
 
 
 def nf4_matmul_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product through bitsandbytes: dequantise the whole weight, then matmul (what bitsandbytes trains
-    with)."""
-    from bitsandbytes.functional import dequantize_4bit
-
-    w = dequantize_4bit(weight.data, weight.quant_state).to(x.dtype)
+    """The same product the way bitsandbytes trains: dequantise the whole weight, then one matmul."""
+    w = dequantize_4bit_reference(weight).to(device=x.device, dtype=x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -12,7 +12,7 @@ import torch
 from bitsandbytes.functional import dequantize_4bit
 
 from peft_bayes.kernels import sampled_lora as sl
-from peft_bayes.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
+from peft_bayes.kernels.nf4_matmul import dequantize_4bit_reference, nf4_matmul, nf4_matmul_reference
 
 pytestmark = pytest.mark.skipif(
     sl.triton is None or not (sl._interpreting() or torch.cuda.is_available()),
@@ -63,10 +63,14 @@ def test_half_precision(dtype):
     assert (y.double() - want).abs().max() <= RTOL[dtype] * want.abs().max()
 
 
-def test_reference_is_bitsandbytes_layer_output():
-    """The oracle itself: bitsandbytes' own Linear4bit forward gives the same product."""
-    layer = _layer(64, 24, "nf4", True, bias=True, dtype=torch.float32)
-    x = torch.randn(5, 64, device=DEVICE)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_reference_is_bitsandbytes(quant_type, double_quant):
+    """The oracle itself: bitsandbytes' dequantize_4bit gives the same weight, its Linear4bit the same product."""
+    layer = _layer(192, 24, quant_type, double_quant, bias=True, dtype=torch.float32)
+    want_w = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(dequantize_4bit_reference(layer.weight), want_w, rtol=1e-6, atol=1e-6)
+    x = torch.randn(5, 192, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), nf4_matmul_reference(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
