@@ -84,14 +84,12 @@ def _device_flag(argv: list[str]) -> str:
     return "auto"
 
 
-# The fused kernels run on CPU tensors only in Triton's interpreter, chosen when the kernels are decorated (when
-# peft_bayes.kernels is imported), so the variable is set before that import.
-if _device_flag(sys.argv[1:]) == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import torch  # noqa: E402
 
-if _device_flag(sys.argv[1:]) == "auto" and not torch.cuda.is_available():
+# The fused kernels run on CPU tensors only in Triton's interpreter, chosen when the kernels are decorated (when
+# peft_bayes.kernels is imported), so the variable is set before that import.
+_DEVICE = _device_flag(sys.argv[1:])
+if _DEVICE == "cpu" or (_DEVICE == "auto" and not torch.cuda.is_available()):
     os.environ["TRITON_INTERPRET"] = "1"
 
 import bitsandbytes as bnb  # noqa: E402
@@ -294,9 +292,7 @@ def kernel_used(config: Config, case: Case, x: torch.Tensor) -> str:
         return "torch"
     if config.layer == "nf4_triton":
         return "triton"
-    max_rank = getattr(sampled_lora, "MAX_RANK", case.rank)  # the fused path's limit; above it, the reference
-    fused = sampled_lora.kernel_path(x) == "triton" and case.rank <= max_rank
-    return "triton" if fused else "reference"
+    return "triton" if sampled_lora.uses_fused_path(x, case.rank) else "reference"
 
 
 # --------------------------------------------------------------------------------------------------------------

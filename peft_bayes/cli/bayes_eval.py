@@ -17,25 +17,16 @@ from peft_bayes.cli.batching import generate_batched
 from peft_bayes.cli.choice_scoring import option_probabilities, score_options
 from peft_bayes.data.answers import TaskSpec, extract_answer, is_correct
 from peft_bayes.errors import InputError
+from peft_bayes.tuners.bayeslora import is_bayesian, posterior_sample, sampling
 
 DEFAULT_SAMPLES = 10
 ECE_BINS = 15
 NO_ANSWER = "no answer"
 
 
-def _bayes_api():
-    """The BayesLoRA sampling API, or None while it is not installed."""
-    try:
-        from peft_bayes.tuners.bayeslora import is_bayesian, posterior_sample, sampling
-    except ImportError:
-        return None
-    return {"is_bayesian": is_bayesian, "posterior_sample": posterior_sample, "sampling": sampling}
-
-
 def has_posterior(model) -> bool:
     """Whether ``model`` holds an active BayesLoRA adapter (a posterior to sample from); None has none."""
-    api = _bayes_api()
-    return model is not None and api is not None and bool(api["is_bayesian"](model))
+    return model is not None and is_bayesian(model)
 
 
 def resolve_samples(requested: int | None, model) -> int:
@@ -56,15 +47,21 @@ def sample_seed(seed: int, index: int) -> int:
     return seed * 100003 + index
 
 
-def posterior_passes(model, samples: int, seed: int) -> Iterator[contextlib.AbstractContextManager]:
-    """One context per evaluation pass: ``samples`` posterior draws, or one posterior-mean pass when 0."""
-    api = _bayes_api()
-    bayesian = api is not None and api["is_bayesian"](model)
-    if samples == 0:
-        yield api["sampling"](model, False) if bayesian else contextlib.nullcontext()
-        return
-    for index in range(samples):
-        yield api["posterior_sample"](model, seed=sample_seed(seed, index))
+def posterior_passes(model, samples: int, seed: int, progress: Callable | None = None) -> Iterator[tuple]:
+    """One ``(context, tick)`` per evaluation pass: ``samples`` posterior draws, or one posterior-mean pass when 0.
+
+    ``tick(done, n)``, called by the pass, reports ``progress(done so far over all passes, total)``; None without
+    ``progress``.
+    """
+    n_passes = max(samples, 1)
+    contexts = (
+        [sampling(model, False) if is_bayesian(model) else contextlib.nullcontext()]
+        if samples == 0
+        else (posterior_sample(model, seed=sample_seed(seed, index)) for index in range(samples))
+    )
+    for index, context in enumerate(contexts):
+        tick = (lambda done, n, index=index: progress(index * n + done, n_passes * n)) if progress else None
+        yield context, tick
 
 
 def averaged_option_probs(
@@ -76,13 +73,11 @@ def averaged_option_probs(
         One (len(options[i]),) float64 tensor per example, summing to 1.
     """
     total: list[torch.Tensor] | None = None
-    n_passes = max(samples, 1)
-    for index, context in enumerate(posterior_passes(model, samples, seed)):
-        tick = (lambda done, n, index=index: progress(index * n + done, n_passes * n)) if progress else None
+    for context, tick in posterior_passes(model, samples, seed, progress):
         with context:
             probs = option_probabilities(score_options(model, tokenizer, prompts, options, prefix, batch_size, tick))
         total = probs if total is None else [t + p for t, p in zip(total, probs)]
-    return [t / n_passes for t in total]
+    return [t / max(samples, 1) for t in total]
 
 
 def probs_matrix(probs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -156,9 +151,7 @@ def sampled_generations(
 ) -> list[list[str]]:
     """Greedy generations per pass (posterior sample): ``[pass][example]``."""
     passes = []
-    n_passes = max(samples, 1)
-    for index, context in enumerate(posterior_passes(model, samples, seed)):
-        tick = (lambda done, n, index=index: progress(index * n + done, n_passes * n)) if progress else None
+    for context, tick in posterior_passes(model, samples, seed, progress):
         with context:
             passes.append(generate_batched(model, tokenizer, prompts, progress=tick, **gen))
     return passes

@@ -23,6 +23,8 @@ from peft_bayes.kernels.sampled_lora import _interpreting, triton
 if triton is not None:
     import triton.language as tl
 
+    from peft_bayes.kernels.sampled_lora import _mm  # upcast-or-tensor-core dot, shared with the LoRA kernels
+
     @triton.jit
     def _dequant_tile(q_ptr, code_ptr, absmax_ptr, n, k, K, BLOCKSIZE: tl.constexpr, mask):
         # W[n, k] for a (rows, cols) grid of int64 indices: nibble lookup in the code table times the block's absmax.
@@ -49,10 +51,7 @@ if triton is not None:
             x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w = _dequant_tile(q_ptr, code_ptr, absmax_ptr, n[:, None], k[None, :], K, BLOCKSIZE,
                               n_ok[:, None] & k_ok[None, :])  # fmt: skip
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc += _mm(x, tl.trans(w.to(x.dtype)), DOT_F32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y_mask = t_ok[:, None] & n_ok[None, :]
@@ -75,10 +74,7 @@ if triton is not None:
             dy = tl.load(dy_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
             w = _dequant_tile(q_ptr, code_ptr, absmax_ptr, n[:, None], k[None, :], K, BLOCKSIZE,
                               n_ok[:, None] & k_ok[None, :])  # fmt: skip
-            if DOT_F32:
-                acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
-            else:
-                acc += tl.dot(dy, w.to(dy.dtype))
+            acc += _mm(dy, w.to(dy.dtype), DOT_F32)
         tl.store(
             dx_ptr + t[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & k_ok[None, :]
         )

@@ -409,6 +409,14 @@ def kernel_path(x: torch.Tensor) -> str:
     return "triton"
 
 
+def uses_fused_path(
+    x: torch.Tensor, rank: int, *, factor: str = "A", noise: bool = True, b_bias: torch.Tensor | None = None
+) -> bool:
+    """Whether ``add_sampled_lora`` runs the fused kernels for these inputs. The reference takes what they do not
+    cover: a Bayesian B, a LoRA bias on B, ranks above ``MAX_RANK``, and devices ``kernel_path`` sends to it."""
+    return kernel_path(x) == "triton" and b_bias is None and (not noise or factor == "A") and rank <= MAX_RANK
+
+
 def add_sampled_lora(
     result: torch.Tensor,
     x: torch.Tensor,
@@ -447,8 +455,7 @@ def add_sampled_lora(
         else:
             b = b + std * eps.to(b.dtype)
         std = None
-    fused = kernel_path(x) == "triton" and b_bias is None and (std is None or factor == "A") and a.shape[0] <= MAX_RANK
-    if not fused:  # reference: factor B, a bias on B, rank > 128, or not a triton device
+    if not uses_fused_path(x, a.shape[0], factor=factor, noise=std is not None, b_bias=b_bias):
         noise = None
         if std is not None:
             tokens = x.shape[:-1]
