@@ -361,7 +361,18 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun: wait for every rank (rank 0 saves), then tear the process group down. Left to interpreter
+    exit, gloo's threads can outlive it and abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _targets_of(peft_config) -> list[str] | None:
