@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from peft_bayes.cli.batching import generate_batched
-from peft_bayes.cli.choice_scoring import option_probabilities, score_options
+from peft_bayes.cli.choice_scoring import label_pairs, option_probabilities, score_pairs
 from peft_bayes.data.answers import TaskSpec, extract_answer, is_correct
 from peft_bayes.errors import InputError
 from peft_bayes.tuners.bayeslora import is_bayesian, posterior_sample, sampling
@@ -67,15 +67,27 @@ def posterior_passes(model, samples: int, seed: int, progress: Callable | None =
 def averaged_option_probs(
     model, tokenizer, prompts, options, prefix: str, batch_size: int, samples: int, seed: int, progress=None
 ) -> list[torch.Tensor]:
+    """Label-format option probabilities averaged over the posterior samples (see :func:`averaged_pair_probs`)."""
+    pairs = [label_pairs(p, opts, prefix) for p, opts in zip(prompts, options)]
+    return averaged_pair_probs(model, tokenizer, pairs, batch_size, samples, seed, progress)
+
+
+def averaged_pair_probs(
+    model, tokenizer, pairs, batch_size: int, samples: int, seed: int, progress=None, scoring="shared", norm="none"
+) -> list[torch.Tensor]:
     """Option probabilities averaged over the posterior samples (probabilities, not logits, are averaged).
 
+    ``pairs``: per example, one ``(context, continuation)`` per option (``choice_scoring.label_pairs`` /
+    ``cloze_pairs``); ``scoring`` and ``norm`` as in ``choice_scoring.score_pairs``.
+
     Returns:
-        One (len(options[i]),) float64 tensor per example, summing to 1.
+        One (len(pairs[i]),) float64 tensor per example, summing to 1.
     """
     total: list[torch.Tensor] | None = None
     for context, tick in posterior_passes(model, samples, seed, progress):
         with context:
-            probs = option_probabilities(score_options(model, tokenizer, prompts, options, prefix, batch_size, tick))
+            scores = score_pairs(model, tokenizer, pairs, batch_size, tick, scoring, norm)
+        probs = option_probabilities(scores)
         total = probs if total is None else [t + p for t, p in zip(total, probs)]
     return [t / max(samples, 1) for t in total]
 
@@ -94,22 +106,17 @@ def predictive_entropy(probs: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def choice_rows(records, prompts, options, golds, probs) -> list[dict]:
-    """Per-example prediction records of a multiple-choice evaluation."""
+def choice_rows(records, prompts, options, golds, probs, texts=None) -> list[dict]:
+    """Per-example prediction records of a multiple-choice evaluation; ``texts``: the options' texts (cloze)."""
     rows = []
-    for rec, prompt, opts, gold, p in zip(records, prompts, options, golds, probs):
+    for i, (rec, prompt, opts, gold, p) in enumerate(zip(records, prompts, options, golds, probs)):
         pred = int(p.argmax())
-        rows.append(
-            {
-                "instruction": rec["instruction"],
-                "prompt": prompt,
-                "options": list(opts),
-                "probs": [float(x) for x in p],
-                "prediction": opts[pred],
-                "gold": rec["answer"],
-                "correct": pred == gold,
-            }
-        )
+        row = {"instruction": rec["instruction"], "prompt": prompt, "options": list(opts)}
+        if texts is not None:
+            row["option_texts"] = list(texts[i])
+        row.update({"probs": [float(x) for x in p], "prediction": opts[pred], "gold": rec["answer"]})
+        row["correct"] = pred == gold
+        rows.append(row)
     return rows
 
 

@@ -1,28 +1,51 @@
-"""Multiple-choice scoring by option likelihood: log p(option label | prompt + response prefix), no generation.
+"""Multiple-choice scoring by option likelihood: log p(option continuation | context), no generation.
 
-Each option becomes one sequence ``context + continuation`` where ``context = prompt + prefix.rstrip()`` and
-``continuation = " " + label`` (no space when the prefix is empty or does not end in whitespace). LLM-Adapters
-trains on outputs such as ``"the correct answer is answer2"``, so the default prefix is
-``"the correct answer is "``. All options of a batch of examples go through ONE forward pass, right-padded with an
-attention mask: real tokens keep positions 0..len-1, so batched scores equal one-at-a-time scores.
+Every option of an example is a pair ``(context, continuation)`` of texts; only the continuation's tokens are
+scored. Two formats build the pairs (``peft_bayes.data.choices``):
+
+- ``label``: ``context = prompt + prefix.rstrip()`` and ``continuation = " " + label`` (no space when the prefix is
+  empty or does not end in whitespace). LLM-Adapters trains on outputs such as ``"the correct answer is answer2"``,
+  so the default prefix is ``"the correct answer is "``.
+- ``cloze``: ``context = prompt`` and ``continuation = the option's text`` (fill-in-the-blank: the sentence up to
+  the blank filled with the option is context, the rest of the sentence is scored).
+
+Two paths compute the same scores:
+
+- ``full`` (the reference): every option is its own full sequence ``context + continuation``; all options of
+  ``batch_size`` examples go through ONE right-padded forward pass.
+- ``shared`` (default): the tokens all options of an example share (prompt, prefix, the common start of the
+  continuations) run once, for ``batch_size`` examples in one right-padded pass; an option whose remainder is one
+  token is scored from the last shared position's logits (labels), longer remainders (cloze) continue from the
+  shared KV cache, the options of all examples batched in a second pass. Prompt-learning adapters (prefix, prompt,
+  p-tuning) manage the cache themselves and always take the full path.
+
+Scores are summed log-probabilities, or normalised (``norm``) per continuation token or per character, as
+lm-evaluation-harness' ``acc`` / ``acc_norm`` do; option probabilities are the softmax of the scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from peft_bayes.cli.batching import make_batches
-from peft_bayes.data.answers import TaskSpec, _format_labels
+from peft_bayes.data.answers import TaskSpec
+from peft_bayes.data.choices import ChoiceQuestion, gold_index
+from peft_bayes.data.choices import example_options as _record_options
 from peft_bayes.errors import InputError
 
 DEFAULT_PREFIX = "the correct answer is "
+SCORING_PATHS = ("shared", "full")
+CHOICE_NORMS = ("none", "tokens", "chars")
+
+Pair = tuple[str, str]  # (context text, continuation text) of one option
 
 
 def example_options(record: dict, task: TaskSpec) -> tuple[str, ...]:
     """The options of one example: the labels of its own ``Answer format:`` line (ARC has 3-5), else the task's."""
-    return _format_labels(str(record.get("instruction", ""))) or task.labels
+    return _record_options(record, task.labels)
 
 
 def gold_indices(records: Sequence[dict], options: Sequence[Sequence[str]], source: str) -> list[int]:
@@ -31,16 +54,22 @@ def gold_indices(records: Sequence[dict], options: Sequence[Sequence[str]], sour
     Raises:
         InputError: a gold answer is not one of its record's options.
     """
-    golds = []
-    for i, (rec, opts) in enumerate(zip(records, options)):
-        lowered = [o.strip().lower() for o in opts]
-        gold = str(rec["answer"]).strip().lower()
-        if gold not in lowered:
-            raise InputError(
-                f"{source}: record {i} has answer {rec['answer']!r}, which is not one of its options {'/'.join(opts)}"
-            )
-        golds.append(lowered.index(gold))
-    return golds
+    return [gold_index(rec, opts, f"{source}: record {i}") for i, (rec, opts) in enumerate(zip(records, options))]
+
+
+def label_pairs(prompt: str, labels: Sequence[str], prefix: str = DEFAULT_PREFIX) -> list[Pair]:
+    """The label format: context = prompt + prefix (trailing space dropped), continuation = [space +] label."""
+    space = " " if prefix[-1:].isspace() else ""
+    return [(prompt + prefix.rstrip(), space + label) for label in labels]
+
+
+def cloze_pairs(prompt: str, question: ChoiceQuestion) -> list[Pair]:
+    """The cloze format: each option's text (or the rest of a filled-in sentence) as the response to the prompt."""
+    pairs = []
+    for k in range(len(question.texts)):
+        context, continuation = question.cloze_pair(k)
+        pairs.append((prompt + context, continuation))
+    return pairs
 
 
 def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -56,35 +85,48 @@ def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
-def option_sequences(tokenizer, prompt: str, options: Sequence[str], prefix: str) -> list[tuple[list[int], int]]:
+def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> list[tuple[list[int], int]]:
     """One ``(token ids, number of continuation tokens)`` per option: the ids are context + continuation."""
-    context = prompt + prefix.rstrip()
-    space = " " if prefix[-1:].isspace() else ""
     seqs = []
-    for label in options:
-        ctx, cont = split_continuation(tokenizer, context, space + label)
+    for context, continuation in pairs:
+        ctx, cont = split_continuation(tokenizer, context, continuation)
         if not ctx or not cont:
-            raise InputError(f"option {label!r}: empty context or continuation after tokenization")
+            raise InputError(f"option {continuation.strip()!r}: empty context or continuation after tokenization")
         seqs.append((ctx + cont, len(cont)))
     return seqs
 
 
+def option_sequences(tokenizer, prompt: str, options: Sequence[str], prefix: str) -> list[tuple[list[int], int]]:
+    """The label format's ``(token ids, number of continuation tokens)`` per option."""
+    return encode_pairs(tokenizer, label_pairs(prompt, options, prefix))
+
+
+def _device(model) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (len(rows), max length) long, real tokens first."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 def sequence_log_likelihoods(model, seqs: Sequence[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
-    """Sum of the continuation tokens' log-probabilities of each sequence, in one right-padded forward pass.
+    """The full path: sum of the continuation tokens' log-probabilities of each sequence, one right-padded pass.
 
     Returns:
         (len(seqs),) float64.
     """
-    device = next(p.device for p in model.parameters())
-    length = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for r, (ids, _) in enumerate(seqs):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        mask[r, : len(ids)] = 1
+    input_ids, mask = _right_padded([ids for ids, _ in seqs], pad_id)
+    device = _device(model)
     with torch.inference_mode():
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    logits = logits[:, -length:]  # (B, L, V); prompt tuning / p-tuning prepend virtual tokens, dropped here
+    logits = logits[:, -input_ids.shape[1] :]  # (B, L, V); prompt tuning / p-tuning prepend virtual tokens
     out = torch.empty(len(seqs), dtype=torch.float64)
     for r, (ids, n_cont) in enumerate(seqs):
         start = len(ids) - n_cont  # first continuation token; position start-1 predicts it
@@ -92,6 +134,151 @@ def sequence_log_likelihoods(model, seqs: Sequence[tuple[list[int], int]], pad_i
         targets = torch.tensor(ids[start:], device=rows.device)
         out[r] = rows.gather(1, targets[:, None]).sum().item()
     return out
+
+
+def _shared_length(seqs: Sequence[tuple[list[int], int]]) -> int:
+    """Tokens every option of one example starts with, leaving each option at least one token of its own."""
+    first = seqs[0][0]
+    n = min(len(ids) for ids, _ in seqs) - 1
+    for ids, _ in seqs[1:]:
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _takes_position_ids(model) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def _log_prob(logits_row: torch.Tensor, token: int) -> float:
+    return float(logits_row.double().log_softmax(-1)[token])
+
+
+@dataclass
+class _Option:
+    """One option inside a shared batch: its example's row, its ids, where scoring starts, the shared length."""
+
+    example: int
+    ids: list[int]
+    start: int  # first scored token
+    shared: int  # tokens run in the shared pass
+
+
+def shared_log_likelihoods(model, examples: Sequence[Sequence[tuple[list[int], int]]], pad_id: int) -> list:
+    """The shared path for a batch of examples; the same scores as :func:`sequence_log_likelihoods`.
+
+    Pass 1 runs each example's shared tokens (right-padded, (E, P)); an option's first own token is scored from
+    the logits at its example's last shared position. Pass 2 feeds every option's remaining tokens but the last,
+    (R, T), over the shared KV cache gathered per option: the mask keeps the padding holes of pass 1 masked and the
+    position ids continue each example's own count, so every token sees exactly what it sees in the full path.
+
+    Returns:
+        One (number of options,) float64 tensor per example.
+    """
+    device = _device(model)
+    shared = [_shared_length(seqs) for seqs in examples]
+    prefix_ids, prefix_mask = _right_padded([seqs[0][0][:p] for seqs, p in zip(examples, shared)], pad_id)
+    options = [
+        _Option(e, ids, len(ids) - n_cont, shared[e]) for e, seqs in enumerate(examples) for ids, n_cont in seqs
+    ]
+    scores = torch.zeros(len(options), dtype=torch.float64)
+    with torch.inference_mode():
+        out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True)
+        for r, opt in enumerate(options):  # scored tokens at positions start..shared: predicted inside pass 1
+            for t in range(opt.start, opt.shared + 1):
+                scores[r] += _log_prob(out.logits[opt.example, t - 1], opt.ids[t])
+        tails = [r for r, opt in enumerate(options) if len(opt.ids) - 1 > opt.shared]
+        if tails:
+            scores += _continue_from_cache(model, options, tails, out.past_key_values, prefix_mask, pad_id)
+    sizes = [len(seqs) for seqs in examples]
+    return list(scores.split(sizes))
+
+
+def _continue_from_cache(model, options: list[_Option], tails: list[int], cache, prefix_mask, pad_id: int):
+    """Pass 2 of the shared path: log-probabilities of the tokens after each option's first own token."""
+    device = _device(model)
+    feed = [options[r].ids[options[r].shared : -1] for r in tails]  # (R, T): the last token is only predicted
+    ids, mask = _right_padded(feed, pad_id)
+    rows = torch.tensor([options[r].example for r in tails])
+    cache.reorder_cache(rows.to(device))  # one copy of its example's cache per option (index_select)
+    attention = torch.cat([prefix_mask[rows], mask], dim=1)
+    kwargs = {}
+    if _takes_position_ids(model):  # BLOOM has none: its ALiBi positions come from the mask's cumulative sum
+        start = torch.tensor([options[r].shared for r in tails])
+        kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])).to(device)
+    logits = model(
+        input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache, use_cache=True, **kwargs
+    ).logits  # (R, T, V)
+    scores = torch.zeros(len(options), dtype=torch.float64)
+    for j, r in enumerate(tails):
+        opt = options[r]
+        for t in range(max(opt.start, opt.shared + 1), len(opt.ids)):
+            scores[r] += _log_prob(logits[j, t - 1 - opt.shared], opt.ids[t])
+    return scores
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _normalisers(pairs: Sequence[Pair], seqs: Sequence[tuple[list[int], int]], norm: str) -> torch.Tensor:
+    if norm == "tokens":
+        return torch.tensor([float(n) for _, n in seqs], dtype=torch.float64)
+    if norm == "chars":
+        return torch.tensor([float(max(len(cont), 1)) for _, cont in pairs], dtype=torch.float64)
+    return torch.ones(len(pairs), dtype=torch.float64)
+
+
+def score_pairs(
+    model,
+    tokenizer,
+    pairs: Sequence[Sequence[Pair]],
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+    scoring: str = "shared",
+    norm: str = "none",
+) -> list[torch.Tensor]:
+    """Scores of every option of every example; ``batch_size`` examples per forward pass.
+
+    Args:
+        pairs: Per example, one ``(context, continuation)`` text pair per option (:func:`label_pairs`,
+            :func:`cloze_pairs`).
+        scoring: ``shared`` (the shared tokens once, then the options from the KV cache) or ``full`` (every option
+            as its own sequence, the reference); prompt-learning adapters always take ``full``.
+        norm: ``none`` (summed log-likelihood), ``tokens`` (per continuation token) or ``chars`` (per character).
+
+    Returns:
+        One (len(pairs[i]),) float64 tensor per example, in input order.
+    """
+    if scoring not in SCORING_PATHS:
+        raise InputError(f"--choice_scoring must be one of {'/'.join(SCORING_PATHS)}, got {scoring!r}")
+    if norm not in CHOICE_NORMS:
+        raise InputError(f"--choice_norm must be one of {'/'.join(CHOICE_NORMS)}, got {norm!r}")
+    seqs = [encode_pairs(tokenizer, p) for p in pairs]
+    lengths = [max(len(ids) for ids, _ in s) for s in seqs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shared = scoring == "shared" and not _is_prompt_learning(model)
+    scores: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    done = 0
+    for idx in make_batches(lengths, batch_size):
+        batch = [seqs[i] for i in idx]
+        if shared and all(_shared_length(s) > 0 for s in batch):
+            logliks = shared_log_likelihoods(model, batch, pad_id)
+        else:
+            flat = sequence_log_likelihoods(model, [seq for s in batch for seq in s], pad_id)
+            logliks = list(flat.split([len(s) for s in batch]))
+        for i, ll in zip(idx, logliks):
+            scores[i] = ll / _normalisers(pairs[i], seqs[i], norm)
+        done += len(idx)
+        if progress:
+            progress(done, len(pairs))
+    return scores
 
 
 def score_options(
@@ -102,26 +289,15 @@ def score_options(
     prefix: str = DEFAULT_PREFIX,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    scoring: str = "shared",
 ) -> list[torch.Tensor]:
-    """Log-likelihood of every option of every example; ``batch_size`` examples (all their options) per forward.
+    """Label-format log-likelihood of every option label of every example (see :func:`score_pairs`).
 
     Returns:
         One (len(options[i]),) float64 tensor per example, in input order.
     """
-    seqs = [option_sequences(tokenizer, p, opts, prefix) for p, opts in zip(prompts, options)]
-    lengths = [max(len(ids) for ids, _ in s) for s in seqs]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    done = 0
-    for idx in make_batches(lengths, batch_size):
-        flat = [seq for i in idx for seq in seqs[i]]
-        logliks = sequence_log_likelihoods(model, flat, pad_id)
-        for i, chunk in zip(idx, logliks.split([len(seqs[i]) for i in idx])):
-            scores[i] = chunk
-        done += len(idx)
-        if progress:
-            progress(done, len(prompts))
-    return scores
+    pairs = [label_pairs(p, opts, prefix) for p, opts in zip(prompts, options)]
+    return score_pairs(model, tokenizer, pairs, batch_size, progress, scoring)
 
 
 def option_probabilities(log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -14,11 +14,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from peft_bayes.cli import adapters, bayes_eval
+from peft_bayes.cli import adapters, bayes_eval, choice_scoring
 from peft_bayes.cli.batching import generate_batched, make_batches
-from peft_bayes.cli.choice_scoring import DEFAULT_PREFIX, example_options, gold_indices
+from peft_bayes.cli.choice_scoring import CHOICE_NORMS, DEFAULT_PREFIX, SCORING_PATHS, example_options, gold_indices
 from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
 from peft_bayes.data.answers import TaskSpec
+from peft_bayes.data.choices import CHOICE_FORMATS
 from peft_bayes.errors import InputError
 
 __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_batches", "resolve_dataset"]
@@ -68,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PREFIX,
         help="multiple choice: response text before the scored option label ('' scores the bare label) "
         "(default: %(default)r)",
+    )
+    b.add_argument(
+        "--choice_format",
+        default="label",
+        choices=CHOICE_FORMATS,
+        help="multiple choice: label = score the option label after --choice_prefix (LLM-Adapters); cloze = score "
+        "each option's text as the response to the question alone (small models; lm-evaluation-harness)",
+    )
+    b.add_argument(
+        "--choice_norm",
+        default="none",
+        choices=CHOICE_NORMS,
+        help="option score: summed log-likelihood, or per token / per character of the option (acc_norm)",
+    )
+    b.add_argument(
+        "--choice_scoring",
+        default="shared",
+        choices=SCORING_PATHS,
+        help="shared = the prompt once per example, options from its KV cache; full = every option as its own "
+        "sequence (the reference path)",
     )
     b.add_argument("--ood_dataset", default=None, help="multiple-choice OOD test set (resolved via --data_dir)")
     b.add_argument("--ood_data_path", default=None, help="OOD test file (overrides --data_dir for the OOD set)")
@@ -145,20 +166,41 @@ class EvalSet:
     prompts: list[str]
     options: list[tuple[str, ...]] | None = None
     golds: list[int] | None = None
+    pairs: list[list[tuple[str, str]]] | None = None  # per example, (context, scored continuation) per option
+    texts: list[tuple[str, ...]] | None = None  # cloze: each option's text
 
 
-def load_eval_set(name: str, path: str, limit: int | None, prompter) -> EvalSet:
-    """Loads the first ``limit`` records, infers how to score them and checks every gold answer is an option."""
+def load_eval_set(name: str, path: str, limit: int | None, prompter, choice_format="label", prefix=DEFAULT_PREFIX):
+    """Loads the first ``limit`` records, infers how to score them and checks every gold answer is an option.
+
+    Multiple choice in the ``cloze`` format: each record's question and option texts are parsed out of its
+    instruction, the prompt asks the question alone, and each option's text is the scored response.
+    """
     from peft_bayes.data import load_records
     from peft_bayes.data.answers import TASKS, infer_task
 
     records = load_records(path, required=("instruction", "answer"), split="test")[:limit]
     task = TASKS[name] if name in TASKS else infer_task(records, name)
+    if task.kind == "choice" and choice_format == "cloze":
+        return _cloze_eval_set(name, path, records, task, prompter)
     prompts = [prompter.generate_prompt(r["instruction"], r.get("input")) for r in records]
     data = EvalSet(name, path, records, task, prompts)
     if task.kind == "choice":
         data.options = [example_options(r, task) for r in records]
         data.golds = gold_indices(records, data.options, path)
+        data.pairs = [choice_scoring.label_pairs(p, opts, prefix) for p, opts in zip(prompts, data.options)]
+    return data
+
+
+def _cloze_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, prompter) -> EvalSet:
+    from peft_bayes.data.choices import gold_index, parse_choice_question
+
+    questions = [parse_choice_question(r, f"{path}: record {i}") for i, r in enumerate(records)]
+    prompts = [prompter.generate_prompt(q.stem, r.get("input")) for q, r in zip(questions, records)]
+    data = EvalSet(name, path, records, task, prompts, options=[q.labels for q in questions])
+    data.golds = [gold_index(r, q.labels, f"{path}: record {i}") for i, (r, q) in enumerate(zip(records, questions))]
+    data.pairs = [choice_scoring.cloze_pairs(p, q) for p, q in zip(prompts, questions)]
+    data.texts = [q.texts for q in questions]
     return data
 
 
@@ -190,14 +232,21 @@ def _progress(args, name: str):
     return progress
 
 
+def _choice_probs(model, tokenizer, data: EvalSet, args, samples: int, label: str) -> list:
+    return bayes_eval.averaged_pair_probs(
+        model, tokenizer, data.pairs, args.batch_size, samples, args.seed, _progress(args, label),
+        args.choice_scoring, args.choice_norm,
+    )  # fmt: skip
+
+
 def evaluate_choice(model, tokenizer, data: EvalSet, args, samples: int) -> tuple[list[dict], dict, list]:
     """Option-likelihood scoring: (rows, metrics, averaged probabilities)."""
-    probs = bayes_eval.averaged_option_probs(
-        model, tokenizer, data.prompts, data.options, args.choice_prefix, args.batch_size, samples, args.seed,
-        _progress(args, data.name),
-    )  # fmt: skip
-    rows = bayes_eval.choice_rows(data.records, data.prompts, data.options, data.golds, probs)
-    metrics = {"scoring": "option-likelihood", "choice_prefix": args.choice_prefix}
+    probs = _choice_probs(model, tokenizer, data, args, samples, data.name)
+    rows = bayes_eval.choice_rows(data.records, data.prompts, data.options, data.golds, probs, data.texts)
+    metrics = {"scoring": "option-likelihood", "choice_format": args.choice_format}
+    if args.choice_format == "label":
+        metrics["choice_prefix"] = args.choice_prefix
+    metrics.update({"choice_norm": args.choice_norm, "choice_scoring": args.choice_scoring})
     metrics.update(bayes_eval.choice_metrics(probs, data.golds))
     return rows, metrics, probs
 
@@ -217,11 +266,8 @@ def evaluate_generation(model, tokenizer, data: EvalSet, args, samples: int, pro
 
 def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: int, id_probs) -> tuple[list, dict]:
     """Scores the OOD set like the test set; (rows, metrics) with the entropy AUROC."""
-    probs = bayes_eval.averaged_option_probs(
-        model, tokenizer, ood.prompts, ood.options, args.choice_prefix, args.batch_size, samples, args.seed,
-        _progress(args, f"{ood.name} (OOD)"),
-    )  # fmt: skip
-    rows = bayes_eval.choice_rows(ood.records, ood.prompts, ood.options, ood.golds, probs)
+    probs = _choice_probs(model, tokenizer, ood, args, samples, f"{ood.name} (OOD)")
+    rows = bayes_eval.choice_rows(ood.records, ood.prompts, ood.options, ood.golds, probs, ood.texts)
     metrics = {"ood_dataset": ood.name, "ood_data_path": ood.path, **bayes_eval.ood_metrics(id_probs, probs)}
     metrics["ood_accuracy_percent"] = 100 * sum(r["correct"] for r in rows) / len(rows)
     return rows, metrics
@@ -233,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     prompter = Prompter.from_name(args.prompt_template)
-    data = load_eval_set(*resolve_dataset(args), args.limit, prompter)
+    data = load_eval_set(*resolve_dataset(args), args.limit, prompter, args.choice_format, args.choice_prefix)
     ood = None
     if args.ood_dataset or args.ood_data_path:
-        ood = load_eval_set(*resolve_dataset(args, ood=True), args.limit, prompter)
+        ood = load_eval_set(
+            *resolve_dataset(args, ood=True), args.limit, prompter, args.choice_format, args.choice_prefix
+        )
         if data.task.kind != "choice" or ood.task.kind != "choice":
             raise InputError(
                 f"--ood_dataset needs multiple-choice test sets (option scoring); {data.name} is a "

@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default="yahma/alpaca-cleaned", help="JSON/JSONL file, folder or Hub dataset")
     g.add_argument("--output_dir", default="./lora-alpaca")
     g.add_argument("--prompt_template", default="alpaca", help="shipped template name or a template JSON file")
+    g.add_argument(
+        "--choice_format",
+        default="label",
+        choices=["label", "cloze"],
+        help="multiple-choice records: label = train on their output as written (LLM-Adapters); cloze = the "
+        "question alone -> the gold option's text (parsed from the instruction)",
+    )
     g.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
     g.add_argument("--load_8bit", type=str2bool, nargs="?", const=True, default=False, help="int8 base")
     g.add_argument("--load_4bit", type=str2bool, nargs="?", const=True, default=False, help="4-bit (QLoRA) base")
@@ -177,7 +184,12 @@ def load_data(args):
     from peft_bayes.data import Prompter, load_records, split_train_val
 
     prompter = Prompter.from_name(args.prompt_template)
-    train, val = split_train_val(load_records(args.data_path, split="train"), args.val_set_size, args.seed)
+    records = load_records(args.data_path, split="train")
+    if args.choice_format == "cloze":  # question -> gold option text, as evaluate.py --choice_format cloze scores
+        from peft_bayes.data.choices import cloze_training_record
+
+        records = [cloze_training_record(r, f"{args.data_path}: record {i}") for i, r in enumerate(records)]
+    train, val = split_train_val(records, args.val_set_size, args.seed)
     return prompter, train, val
 
 
