@@ -1,0 +1,210 @@
+"""The shared option-scoring path (prompt once per example, options from its KV cache) against the full path
+(every option its own sequence) and against an independent per-option computation, in the label and cloze formats,
+on every tiny architecture; evaluate.py and train.py with --choice_format cloze."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peft_bayes.cli.choice_scoring import cloze_pairs, label_pairs, score_pairs
+from peft_bayes.cli.evaluate import main as evaluate_main
+from peft_bayes.cli.modeling import load_tokenizer
+from peft_bayes.cli.train import main as train_main
+from peft_bayes.data.choices import parse_choice_question
+from peft_bayes.errors import InputError
+from peft_bayes.tiny import TINY_ARCHITECTURES
+from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample
+
+PROMPT = "### Instruction:\n{}\n\n### Response:\n"
+# One question in every option format of LLM-Adapters' commonsense sets, with 2-5 options of different lengths.
+QUESTIONS = [
+    "Please choose the correct answer to the question: How many legs has a cat?\n\nAnswer1: four legs Answer2: two "
+    "Answer3: three small ones Answer4: none at all\n\nAnswer format: answer1/answer2/answer3/answer4",
+    "Please answer the following question with true or false, question: is ice cold?\n\nAnswer format: true/false",
+    "Please choose the correct solution to the question: To cut bread,\n\nSolution1: use a knife.\n\nSolution2: use "
+    "a spoon and wait.\n\nAnswer format: solution1/solution2",
+    "Please choose the correct answer to fill in the blank to complete the given sentence: Tom gave Bob a gift "
+    "because _ was kind.\n\nOption1: Tom Option2: Bob Answer format: option1/option2",
+    "Please choose the correct ending to complete the given sentence: Cooking: He cuts the onion\n\nEnding1: and "
+    "cries. Ending2: and flies away home. Ending3: then sings. Ending4: slowly.\n\nAnswer format: "
+    "ending1/ending2/ending3/ending4",
+    "Please choose the correct answer to the question: Which is largest?\n\nAnswer1: 12 Answer2: 7 Answer3: 130 "
+    "Answer4: 9 Answer5: 1000\n\nAnswer format: answer1/answer2/answer3/answer4/answer5",
+]
+
+
+def _label_pairs(prefix="the correct answer is "):
+    return [label_pairs(PROMPT.format(q), parse_choice_question({"instruction": q}).labels, prefix) for q in QUESTIONS]
+
+
+def _cloze_pairs():
+    out = []
+    for q in QUESTIONS:
+        question = parse_choice_question({"instruction": q})
+        out.append(cloze_pairs(PROMPT.format(question.stem), question))
+    return out
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), load_tokenizer(folder, padding_side="left")
+
+
+def _independent(model, tok, pairs):
+    """One option at a time, unpadded, float64 log-softmax over the whole sequence: sum over the continuation."""
+    out = []
+    for context, continuation in pairs:
+        n_ctx = len(tok(context)["input_ids"])
+        ids = tok(context + continuation)["input_ids"]
+        assert len(ids) > n_ctx
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        out.append(sum(logp[t - 1, ids[t]].item() for t in range(n_ctx, len(ids))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _assert_same_probs(a, b, atol=1e-5):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.softmax(-1), y.softmax(-1), rtol=0, atol=atol)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("fmt", ["label", "bare-label", "cloze"])
+def test_shared_equals_full_on_every_architecture(arch, fmt, model_dirs):
+    model, tok = _load(model_dirs[arch])
+    pairs = {"label": _label_pairs(), "bare-label": _label_pairs(""), "cloze": _cloze_pairs()}[fmt]
+    full = score_pairs(model, tok, pairs, batch_size=4, scoring="full")
+    shared = score_pairs(model, tok, pairs, batch_size=4, scoring="shared")
+    one_by_one = score_pairs(model, tok, pairs, batch_size=1, scoring="shared")
+    _assert_same_probs(shared, full)
+    _assert_same_probs(one_by_one, full)
+    # the options really differ (a test of equal scores is no test when every score is the same)
+    assert all(float(s.max() - s.min()) > 1e-3 for s in full)
+
+
+def test_cloze_scores_equal_independent_computation(llama_dir):
+    model, tok = _load(llama_dir)
+    pairs = _cloze_pairs()
+    for got, example in zip(score_pairs(model, tok, pairs, batch_size=3), pairs):
+        torch.testing.assert_close(got, _independent(model, tok, example), rtol=0, atol=1e-4)
+
+
+def test_winogrande_scores_only_the_rest_of_the_sentence(llama_dir):
+    model, tok = _load(llama_dir)
+    (pairs,) = [p for p in _cloze_pairs() if p[0][1] == " was kind."]
+    assert [c for c, _ in pairs][0].endswith("Tom gave Bob a gift because Tom")
+    torch.testing.assert_close(score_pairs(model, tok, [pairs])[0], _independent(model, tok, pairs), rtol=0, atol=1e-4)
+
+
+def _adapted(llama_dir, kind):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = _load(llama_dir)
+    if kind == "lora":
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False)
+    else:
+        config = BayesLoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], init_std=0.5)
+        config.init_lora_weights = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(model, config).eval(), tok
+
+
+@pytest.mark.parametrize("kind", ["lora", "bayeslora"])
+def test_shared_equals_full_with_adapters_and_posterior_samples(kind, llama_dir):
+    model, tok = _adapted(llama_dir, kind)
+    pairs = _cloze_pairs() + _label_pairs()
+    with posterior_sample(model, seed=3) if kind == "bayeslora" else torch.no_grad():
+        full = score_pairs(model, tok, pairs, batch_size=5, scoring="full")
+        shared = score_pairs(model, tok, pairs, batch_size=5, scoring="shared")
+    _assert_same_probs(shared, full)
+
+
+def test_normalisation_per_token_and_per_character(llama_dir):
+    model, tok = _load(llama_dir)
+    pairs = _cloze_pairs()
+    summed = score_pairs(model, tok, pairs, norm="none")
+    per_token = score_pairs(model, tok, pairs, norm="tokens")
+    per_char = score_pairs(model, tok, pairs, norm="chars")
+    for s, t, c, example in zip(summed, per_token, per_char, pairs):
+        n_tokens = [len(tok(ctx + cont)["input_ids"]) - len(tok(ctx)["input_ids"]) for ctx, cont in example]
+        torch.testing.assert_close(t, s / torch.tensor(n_tokens, dtype=torch.float64), rtol=0, atol=1e-12)
+        n_chars = torch.tensor([len(cont) for _, cont in example], dtype=torch.float64)
+        torch.testing.assert_close(c, s / n_chars, rtol=0, atol=1e-12)
+
+
+def test_bad_scoring_flags(llama_dir):
+    model, tok = _load(llama_dir)
+    with pytest.raises(InputError, match="--choice_scoring"):
+        score_pairs(model, tok, _cloze_pairs(), scoring="fast")
+    with pytest.raises(InputError, match="--choice_norm"):
+        score_pairs(model, tok, _cloze_pairs(), norm="bytes")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scripts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def commonsense_file(tmp_path_factory):
+    """The six questions above as a test set, each with a gold answer."""
+    golds = ["answer1", "true", "solution1", "option2", "ending1", "answer5"]
+    records = [{"instruction": q, "input": "", "output": f"the correct answer is {g}", "answer": g}
+               for q, g in zip(QUESTIONS, golds)]  # fmt: skip
+    path = tmp_path_factory.mktemp("cs") / "mixed.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _evaluate(llama_dir, data, out, *extra):
+    argv = ["--base_model", str(llama_dir), "--data_path", str(data), "--output_dir", str(out), "--quiet",
+            "--batch_size", "4", "--prompt_template", "alpaca_short", *extra]  # fmt: skip
+    assert evaluate_main(argv) == 0
+    summary = json.loads((out / "mixed_summary.json").read_text())
+    return summary, json.loads((out / "mixed_predictions.json").read_text())
+
+
+def test_evaluate_cloze_shared_equals_full(llama_dir, commonsense_file, tmp_path):
+    shared, rows = _evaluate(llama_dir, commonsense_file, tmp_path / "s", "--choice_format", "cloze")
+    full, rows_full = _evaluate(llama_dir, commonsense_file, tmp_path / "f", "--choice_format", "cloze",
+                                "--choice_scoring", "full")  # fmt: skip
+    assert shared["choice_format"] == "cloze" and shared["choice_scoring"] == "shared" and shared["n"] == 6
+    assert rows[0]["option_texts"] == ["four legs", "two", "three small ones", "none at all"]
+    assert "Answer1" not in rows[0]["prompt"] and rows[0]["options"][0] == "answer1"
+    for a, b in zip(rows, rows_full):
+        assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
+    assert shared["nll_nats"] == pytest.approx(full["nll_nats"], abs=1e-4)
+
+
+def test_evaluate_cloze_bad_record_is_one_line(llama_dir, tmp_path, capsys):
+    from peft_bayes.cli.common import run_cli
+
+    bad = tmp_path / "mixed.json"
+    broken = QUESTIONS[0].replace("Answer2:", "Answer 2")
+    bad.write_text(json.dumps([{"instruction": broken, "answer": "answer1", "output": ""}]))
+    argv = ["--base_model", str(llama_dir), "--data_path", str(bad), "--choice_format", "cloze",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert run_cli(evaluate_main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "record 0" in err and "answer2 not found" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_cloze_turns_records_into_option_texts(llama_dir, commonsense_file, tmp_path, train_argv):
+    out = tmp_path / "adapter"
+    assert train_main(train_argv(llama_dir, commonsense_file, out, "--choice_format", "cloze",
+                                 "--micro_batch_size", "2", "--batch_size", "2")) == 0  # fmt: skip
+    assert (out / "adapter_model.safetensors").is_file()
+    from peft_bayes.cli.train import build_parser, load_data
+
+    args = build_parser().parse_args(train_argv(llama_dir, commonsense_file, out, "--choice_format", "cloze"))
+    _, train, _ = load_data(args)
+    outputs = {r["output"] for r in train}
+    assert "four legs" in outputs and "true" in outputs and "use a knife." in outputs
+    assert "Tom gave Bob a gift because Bob was kind." in outputs
+    assert all("Answer format" not in r["instruction"] for r in train)
