@@ -148,11 +148,30 @@ def _shared_length(seqs: Sequence[tuple[list[int], int]]) -> int:
     return n
 
 
-def _takes_position_ids(model) -> bool:
+def _accepts(model, argument: str) -> bool:
+    """Whether the (base) model's forward takes ``argument`` (``position_ids``, ``logits_to_keep``)."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" in inspect.signature(base.forward).parameters
+    return argument in inspect.signature(base.forward).parameters
+
+
+def _prefix_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: list[int], last: list[int]):
+    """Pass 1: (output, column) where ``output.logits[e, column(e, p)]`` are example e's logits at position p.
+
+    Only positions ``first[e]..last[e]`` are needed (usually just the last shared one): with ``logits_to_keep`` the
+    vocabulary projection runs on those alone, (E, K, V) instead of (E, P, V).
+    """
+    device = _device(model)
+    kwargs = {}
+    if _accepts(model, "logits_to_keep"):
+        k = max(b - a + 1 for a, b in zip(first, last))
+        keep = torch.tensor([[min(a + j, b) for j in range(k)] for a, b in zip(first, last)])  # (E, K)
+        kwargs["logits_to_keep"] = keep.to(device)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **kwargs)
+    if kwargs:
+        return out, lambda e, p: p - first[e]
+    return out, lambda e, p: p
 
 
 def _log_prob(logits_row: torch.Tensor, token: int) -> float:
@@ -180,18 +199,20 @@ def shared_log_likelihoods(model, examples: Sequence[Sequence[tuple[list[int], i
     Returns:
         One (number of options,) float64 tensor per example.
     """
-    device = _device(model)
     shared = [_shared_length(seqs) for seqs in examples]
     prefix_ids, prefix_mask = _right_padded([seqs[0][0][:p] for seqs, p in zip(examples, shared)], pad_id)
     options = [
         _Option(e, ids, len(ids) - n_cont, shared[e]) for e, seqs in enumerate(examples) for ids, n_cont in seqs
     ]
     scores = torch.zeros(len(options), dtype=torch.float64)
+    # Positions whose logits pass 1 must give: from the first scored token's predecessor to the last shared token
+    # (at least that one; a fill-in-the-blank question scores nothing inside the shared part).
+    first = [min([opt.start - 1 for opt in options if opt.example == e] + [p - 1]) for e, p in enumerate(shared)]
     with torch.inference_mode():
-        out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True)
+        out, column = _prefix_logits(model, prefix_ids, prefix_mask, first, [p - 1 for p in shared])
         for r, opt in enumerate(options):  # scored tokens at positions start..shared: predicted inside pass 1
             for t in range(opt.start, opt.shared + 1):
-                scores[r] += _log_prob(out.logits[opt.example, t - 1], opt.ids[t])
+                scores[r] += _log_prob(out.logits[opt.example, column(opt.example, t - 1)], opt.ids[t])
         tails = [r for r, opt in enumerate(options) if len(opt.ids) - 1 > opt.shared]
         if tails:
             scores += _continue_from_cache(model, options, tails, out.past_key_values, prefix_mask, pad_id)
@@ -208,7 +229,7 @@ def _continue_from_cache(model, options: list[_Option], tails: list[int], cache,
     cache.reorder_cache(rows.to(device))  # one copy of its example's cache per option (index_select)
     attention = torch.cat([prefix_mask[rows], mask], dim=1)
     kwargs = {}
-    if _takes_position_ids(model):  # BLOOM has none: its ALiBi positions come from the mask's cumulative sum
+    if _accepts(model, "position_ids"):  # BLOOM has none: its ALiBi positions come from the mask's cumulative sum
         start = torch.tensor([options[r].shared for r in tails])
         kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])).to(device)
     logits = model(
