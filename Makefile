@@ -1,10 +1,12 @@
-# Quick start: `make demo` (train -> evaluate -> generate on a tiny built-in model), `make test`.
+# Quick start: `make demo` (train -> evaluate -> generate on a tiny built-in model), `make demo-real` (zero-shot ->
+# LoRA -> BayesLoRA on SmolLM2-135M and ARC-Easy, calibration table), `make test`.
 PY ?= python3
 DEMO_DIR ?= demo_run
+DEMO_REAL_DIR ?= demo_real
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev install-real demo test lint bench clean
+.PHONY: install install-dev install-real demo demo-real test lint bench clean
 
 # torch==2.13.0 first: it is the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 install:
@@ -26,6 +28,14 @@ demo: install
 	$(PY) -m peft_bayes.cli.demo $(DEMO_DIR) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
+# The real-model calibration bench at small size (~6-10 min on 2 CPU cores): zero-shot, LoRA, BayesLoRA (N = 4 and
+# N = 0) on SmolLM2-135M, ARC-Easy in the cloze format with the chat template; DEMO_REAL_ARGS passes more flags.
+demo-real: install-real
+	@start=$$(date +%s); \
+	$(PY) bench/real_model_calibration.py --n_train 96 --n_test 100 --samples 4 --batch_size 8 \
+		--output_dir $(DEMO_REAL_DIR) $(DEMO_REAL_ARGS) && \
+	echo "demo-real finished in $$(( $$(date +%s) - start )) s"
+
 test: install-dev
 	$(PY) -m pytest -q -p no:cacheprovider
 
@@ -37,4 +47,4 @@ bench: install
 	$(PY) bench/bench_bayeslora_step.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(DEMO_DIR) build dist *.egg-info
+	rm -rf $(DEMO_DIR) $(DEMO_REAL_DIR) build dist *.egg-info

@@ -1,0 +1,132 @@
+"""End-to-end smoke run of bench/real_model_calibration.py on a tiny local model and a tiny synthetic commonsense set
+in LLM-Adapters' format (``Answer1: ... Answer format: answer1/...``): every method's row is in the table with finite
+numbers, the JSON holds the exact commands, and a failing subprocess ends the bench with one line on stderr while the
+earlier result files stay as they were. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "real_model_calibration.py"
+TASK = "ARC-Easy"
+ROW_LABELS = ["zero-shot (base model)", "LoRA (MAP)", "BayesLoRA (N=2)", "BayesLoRA (N=0, mean)"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("real_model_calibration", SCRIPT)
+    if spec.name not in sys.modules:  # dataclasses look their module up there
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from peft_bayes.data.synthetic import write_choice_data
+    from peft_bayes.tiny import build_tokenizer, save_tiny_model
+
+    root = tmp_path_factory.mktemp("real_bench")
+    write_choice_data(str(root / "data" / TASK), 4, 3, seed=0, n_options=4)
+    model = save_tiny_model(root / "model", "llama", tokenizer=build_tokenizer(), hidden_size=32, num_layers=1,
+                            num_heads=2, seed=0)  # fmt: skip
+    return root, model
+
+
+def _flags(root: Path, model: str, out: Path, *extra: str) -> list[str]:
+    return ["--base_model", model, "--data_dir", str(root / "data"), "--task", TASK, "--n_train", "2", "--n_test", "3",
+            "--max_steps", "1", "--samples", "2", "--batch_size", "2", "--micro_batch_size", "2",
+            "--prompt_template", "alpaca_short", "--threads", "1", "--output_dir", str(out),
+            "--work_dir", str(out / "work"), *extra]  # fmt: skip
+
+
+def _run(root: Path, model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), *_flags(root, model, out, *extra)]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_runs_every_method_and_writes_table_json_and_figures(tiny_setup):
+    root, model = tiny_setup
+    out = root / "out"
+    proc = _run(root, model, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = out / f"real_model_calibration_{TASK}"
+
+    lines = stem.with_suffix(".md").read_text().splitlines()
+    header = "| method | ACC % | ECE % | NLL | Brier | eval examples/s | train minutes |"
+    table = lines[lines.index(header) + 2 :]
+    assert [row.split(" | ")[0].lstrip("| ") for row in table] == ROW_LABELS
+    for row in table:
+        cells = [c.strip() for c in row.strip("| ").split(" | ")[1:]]
+        numbers = cells[:5] if row.startswith("| zero-shot") else cells
+        assert all(math.isfinite(float(c)) for c in numbers), row
+        if row.startswith("| zero-shot"):
+            assert cells[5] == "–"  # nothing trained
+    assert header in proc.stdout and all(f"| {label} |" in proc.stdout for label in ROW_LABELS)
+    assert re.search(r"\[\s*\d+\.\d min\] \(6/6\) seed 0: evaluate bayeslora:mean: done", proc.stdout)
+
+    data = json.loads(stem.with_suffix(".json").read_text())
+    commands = data["commands"]
+    assert [c.split()[1] for c in commands] == ["evaluate.py", "train.py", "evaluate.py", "train.py", "evaluate.py",
+                                                "evaluate.py"]  # fmt: skip
+    assert "--adapter_name bayeslora" in commands[3] and "--choice_format cloze" in commands[3]
+    assert "--samples 2" in commands[4] and "--samples 0" in commands[5]
+    by_row = {r["row"]: r for r in data["results"]}
+    assert (
+        by_row["bayeslora:samples"]["summary"]["samples"] == 2 and by_row["bayeslora:mean"]["summary"]["samples"] == 0
+    )
+    assert by_row["lora"]["train_command"] == commands[1] and by_row["zero-shot"]["train_command"] is None
+    assert len(data["train_indices"]) == 2 and data["settings"]["seeds"] == [0]
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"]
+    for result in data["results"]:
+        assert Path(result["reliability_png"]).is_file(), result["row"]
+    assert (out / f"real_model_calibration_{TASK}_reliability.png").is_file()
+
+
+def test_failing_subprocess_gives_one_line_error_and_keeps_earlier_results(tiny_setup, tmp_path, capsys):
+    root, _ = tiny_setup
+    earlier = tmp_path / f"real_model_calibration_{TASK}.md"
+    earlier.write_text("earlier result\n")
+    flags = _flags(root, str(tmp_path / "no-such-model"), tmp_path, "--methods", "zero-shot")
+    assert _bench_module().main(flags) == 1
+    err = capsys.readouterr().err
+    # one line says what failed; the subprocess's own output is in its log, not on the bench's stderr
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: seed 0: evaluate zero-shot: evaluate.py exited with status 2 (error: ")
+    assert "no-such-model" in err and Path(err.strip().split("full log: ")[1]).is_file()
+    assert earlier.read_text() == "earlier result\n"
+
+
+def test_methods_select_variants_and_reject_unknown_names(capsys):
+    bench = _bench_module()
+    args = bench.parse_args(["--methods", "lora,bayeslora:mean", "--seeds", "0,1"])
+    assert [v.key for _, v in args.rows] == ["lora", "bayeslora:mean"] and args.seeds == [0, 1]
+    assert bench.count_steps(args) == 2 * (2 + 2)  # per seed: two trainings, two evaluations
+    args = bench.parse_args(["--methods", "zero-shot,bayeslora", "--seeds", "0,1,2"])
+    assert bench.count_steps(args) == 1 + 3 * (1 + 2)  # zero-shot once: it does not depend on the seed
+    for bad in ("swag", "bayeslora:nope"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--methods", bad])
+        assert "--methods" in capsys.readouterr().err
+
+
+def test_table_reports_mean_and_std_over_seeds():
+    bench = _bench_module()
+    args = bench.parse_args(["--methods", "lora"])
+    summaries = [{"accuracy_percent": a, "ece_percent": 10.0, "nll_nats": 1.0, "brier_sum_over_classes": 0.5,
+                  "examples_per_s": 3.0} for a in (40.0, 50.0)]  # fmt: skip
+    results = [{"row": "lora", "train_seconds": 120.0, "summary": s} for s in summaries]
+    (row,) = bench.aggregate(args, results)
+    assert row["ACC %"]["mean"] == 45.0 and math.isclose(row["ACC %"]["std"], math.sqrt(50.0))
+    assert row["train minutes"] == {"mean": 2.0, "std": 0.0}
+    assert "| LoRA (MAP) | 45.00 ± 7.07 | 10.00 ± 0.00 |" in bench.markdown([row])
