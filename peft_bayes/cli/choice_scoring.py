@@ -220,27 +220,70 @@ def shared_log_likelihoods(model, examples: Sequence[Sequence[tuple[list[int], i
     return list(scores.split(sizes))
 
 
+# Per-forward cost in token units of pass 2's grouping: a few dozen tokens' worth of per-layer kernel launches.
+_GROUP_OVERHEAD_TOKENS = 24
+
+
+def length_groups(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Splits rows into groups of similar length, minimising sum(group size * group's longest + overhead).
+
+    Right-padding every option's remainder to the longest of the batch can cost more than the remainders themselves
+    (ARC: a 20-token option beside 2-token ones); groups of consecutive lengths (sorted) are chosen by dynamic
+    programming. Returns row indices, longest first.
+    """
+    overhead = _GROUP_OVERHEAD_TOKENS if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = [0.0] + [float("inf")] * len(order)  # best[k]: cost of the first k rows (sorted)
+    cut = [0] * (len(order) + 1)
+    for k in range(1, len(order) + 1):
+        for j in range(k):  # rows j..k-1 form the last group; the longest is row j
+            cost = best[j] + (k - j) * lengths[order[j]] + overhead
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
+    groups, k = [], len(order)
+    while k > 0:
+        groups.append(order[cut[k] : k])
+        k = cut[k]
+    return groups[::-1]
+
+
 def _continue_from_cache(model, options: list[_Option], tails: list[int], cache, prefix_mask, pad_id: int):
-    """Pass 2 of the shared path: log-probabilities of the tokens after each option's first own token."""
+    """Pass 2 of the shared path: log-probabilities of the tokens after each option's first own token.
+
+    Options are fed in groups of similar remainder length (:func:`length_groups`), each over its own copy of the
+    pass-1 cache with one row per option.
+    """
+    import copy
+
+    feed = [options[r].ids[options[r].shared : -1] for r in tails]  # the last token is only predicted
+    scores = torch.zeros(len(options), dtype=torch.float64)
+    for group in length_groups([len(f) for f in feed]):
+        rows = [tails[g] for g in group]
+        logits = _cached_forward(
+            model, options, rows, [feed[g] for g in group], copy.deepcopy(cache), prefix_mask, pad_id
+        )
+        for j, r in enumerate(rows):
+            opt = options[r]
+            first = max(opt.start, opt.shared + 1)
+            logp = logits[j, first - 1 - opt.shared : len(opt.ids) - 1 - opt.shared].double().log_softmax(-1)
+            scores[r] += logp.gather(1, torch.tensor(opt.ids[first:], device=logp.device)[:, None]).sum().item()
+    return scores
+
+
+def _cached_forward(model, options, rows: list[int], feed, cache, prefix_mask, pad_id: int) -> torch.Tensor:
+    """Logits (R, T, V) of ``feed`` (one right-padded row per option) continuing its example's cached prefix."""
     device = _device(model)
-    feed = [options[r].ids[options[r].shared : -1] for r in tails]  # (R, T): the last token is only predicted
     ids, mask = _right_padded(feed, pad_id)
-    rows = torch.tensor([options[r].example for r in tails])
-    cache.reorder_cache(rows.to(device))  # one copy of its example's cache per option (index_select)
-    attention = torch.cat([prefix_mask[rows], mask], dim=1)
+    examples = torch.tensor([options[r].example for r in rows])
+    cache.reorder_cache(examples.to(device))  # one copy of its example's cache per option (index_select)
+    attention = torch.cat([prefix_mask[examples], mask], dim=1)  # keeps pass 1's padding holes masked
     kwargs = {}
     if _accepts(model, "position_ids"):  # BLOOM has none: its ALiBi positions come from the mask's cumulative sum
-        start = torch.tensor([options[r].shared for r in tails])
+        start = torch.tensor([options[r].shared for r in rows])
         kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])).to(device)
-    logits = model(
+    return model(
         input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache, use_cache=True, **kwargs
-    ).logits  # (R, T, V)
-    scores = torch.zeros(len(options), dtype=torch.float64)
-    for j, r in enumerate(tails):
-        opt = options[r]
-        for t in range(max(opt.start, opt.shared + 1), len(opt.ids)):
-            scores[r] += _log_prob(logits[j, t - 1 - opt.shared], opt.ids[t])
-    return scores
+    ).logits
 
 
 def _is_prompt_learning(model) -> bool:

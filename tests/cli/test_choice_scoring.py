@@ -234,3 +234,43 @@ def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
     shared = score_pairs(model, tok, data.pairs, batch_size=3, scoring="shared")
     _assert_same_probs(shared, full)
     assert all(float(s.max() - s.min()) > 1e-3 for s in full)
+
+
+def _brute_force_cost(lengths, overhead):
+    """Cheapest split of the sorted lengths into consecutive groups, by trying every set of cut points."""
+    import itertools
+
+    ordered = sorted(lengths, reverse=True)
+    best = float("inf")
+    for n_cuts in range(len(ordered)):
+        for cuts in itertools.combinations(range(1, len(ordered)), n_cuts):
+            bounds = [0, *cuts, len(ordered)]
+            cost = sum((b - a) * ordered[a] + overhead for a, b in zip(bounds, bounds[1:]))
+            best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_groups_are_optimal_and_cover_every_row(seed):
+    import random
+
+    from peft_bayes.cli.choice_scoring import length_groups
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([1, 2, 3, 5, 8, 20, 31]) for _ in range(rng.randint(1, 9))]
+    overhead = rng.choice([0, 4, 24])
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    cost = sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+    assert cost == _brute_force_cost(lengths, overhead)
+    assert length_groups([3, 3, 3], 0) in ([[0, 1, 2]], [[0], [1], [2]], [[0, 1], [2]], [[0], [1, 2]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_shared_equals_full_when_every_option_is_its_own_group(arch, model_dirs, monkeypatch):
+    import peft_bayes.cli.choice_scoring as cs
+
+    monkeypatch.setattr(cs, "_GROUP_OVERHEAD_TOKENS", 0)  # no cost per group: one group per remainder length
+    model, tok = _load(model_dirs[arch])
+    pairs = _cloze_pairs()
+    _assert_same_probs(score_pairs(model, tok, pairs, batch_size=6), score_pairs(model, tok, pairs, scoring="full"))
