@@ -429,6 +429,8 @@ def combined_figure(args: argparse.Namespace, results: list[dict], path: Path) -
     except ImportError:
         print("note: no combined reliability figure (matplotlib is not installed)")
         return None
+    from peft_bayes.metrics import confidence_bins, confidence_calibration_error, save_figure_atomic
+
     n = len(args.rows)
     cols = n if n <= 4 else 3
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.6 * cols, 3.4 * ((n + cols - 1) // cols)))
@@ -436,10 +438,12 @@ def combined_figure(args: argparse.Namespace, results: list[dict], path: Path) -
     for ax, (_, variant) in zip(axes, args.rows):
         runs = [r for r in results if r["row"] == variant.key and "reused_from_seed" not in r]
         pairs = [pc for r in runs for pc in _confidences(r)]
-        bins = [[pc for pc in pairs if min(int(pc[0] * ECE_BINS), ECE_BINS - 1) == b] for b in range(ECE_BINS)]
-        centers = [(b + 0.5) / ECE_BINS for b in range(ECE_BINS) if bins[b]]
-        accs = [sum(c for _, c in bn) / len(bn) for bn in bins if bn]
-        ece = sum(abs(sum(c for _, c in bn) - sum(p for p, _ in bn)) for bn in bins if bn) / max(len(pairs), 1)
+        conf, correct = [c for c, _ in pairs], [float(ok) for _, ok in pairs]
+        bins = confidence_bins(conf, correct, ECE_BINS)
+        filled = bins["count"] > 0
+        centers = [(b + 0.5) / ECE_BINS for b in range(ECE_BINS) if filled[b]]
+        accs = bins["accuracy"][filled].tolist()
+        ece = confidence_calibration_error(conf, correct, ECE_BINS) if pairs else 0.0
         ax.bar(centers, accs, width=1 / ECE_BINS, edgecolor="black")
         ax.plot([0, 1], [0, 1], "--", color="gray")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
@@ -448,16 +452,7 @@ def combined_figure(args: argparse.Namespace, results: list[dict], path: Path) -
         ax.axis("off")
     fig.suptitle(f"{args.base_model}, {args.task} ({args.choice_format}), first {args.n_test} test questions")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return str(path)
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def write_report(args, results: list[dict], runner: Runner, extra: dict) -> str:

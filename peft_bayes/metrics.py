@@ -53,6 +53,12 @@ def calibration_bins(probs, labels, n_bins: int = 15) -> dict[str, torch.Tensor]
     return _bin_stats(confidence, (predicted == labels).double(), n_bins)
 
 
+def confidence_bins(confidence, correct, n_bins: int = 15) -> dict[str, torch.Tensor]:
+    """Per-bin ``count``, ``accuracy`` and mean ``confidence`` of stated confidences against 0/1 correctness."""
+    confidence = torch.as_tensor(confidence, dtype=torch.float64).flatten()
+    return _bin_stats(confidence, torch.as_tensor(correct, dtype=torch.float64).flatten(), n_bins)
+
+
 def _bin_stats(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> dict[str, torch.Tensor]:
     # bucketize(right=False) gives i with edges[i-1] < c <= edges[i]: bins are closed on the right.
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
@@ -158,15 +164,23 @@ def reliability_diagram(probs, labels, path: str, n_bins: int = 15, title: str |
     bottom.set_ylabel("count")
     bottom.set_xlim(0, 1)
     fig.tight_layout()
+    return save_figure_atomic(fig, path, dpi=120)
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 120) -> str:
+    """Saves a matplotlib figure to a temp file beside ``path``, renames it over ``path`` and closes the figure: the
+    file appears complete or not at all."""
+    import matplotlib.pyplot as plt
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+    return str(path)
