@@ -144,7 +144,8 @@ def test_architecture_saves_loads_and_generates(arch, tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_peft_default_lora_targets_match(arch, tiny_tokenizer):
-    model = get_peft_model(build_tiny_model(arch, tiny_tokenizer), LoraConfig(task_type="CAUSAL_LM"))
+    config = LoraConfig(task_type="CAUSAL_LM", fan_in_fan_out=arch == "gpt2")  # GPT-2's Conv1D stores W as in x out
+    model = get_peft_model(build_tiny_model(arch, tiny_tokenizer), config)
     wrapped = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert wrapped == DEFAULT_TARGETS[arch]
     if arch == "gpt2":

@@ -66,6 +66,11 @@ def _targets(args: argparse.Namespace) -> list[str] | None:
     return list(args.target_modules) if args.target_modules else None
 
 
+# Model types whose default targets are transformers' Conv1D (weight stored in x out): PEFT's LoRA / AdaLoRA / IA3
+# need fan_in_fan_out=True there (PEFT corrects a False per module, with a warning each time).
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+
+
 def _lora_fields(args) -> dict:
     return dict(
         task_type=TASK,
@@ -78,7 +83,7 @@ def _lora_fields(args) -> dict:
 
 
 def _lora(args, model_type, total_steps, **extra) -> LoraConfig:
-    return LoraConfig(**_lora_fields(args), **extra)
+    return LoraConfig(**_lora_fields(args), fan_in_fan_out=model_type in CONV1D_MODEL_TYPES, **extra)
 
 
 def _bayeslora(args, model_type, total_steps) -> BayesLoraConfig:
@@ -105,17 +110,20 @@ def _adalora(args, model_type, total_steps) -> AdaLoraConfig:
         lora_dropout=args.lora_dropout,
         target_modules=_targets(args),
         total_step=max(total_steps, 1),
+        fan_in_fan_out=model_type in CONV1D_MODEL_TYPES,
     )
 
 
 def _ia3(args, model_type, total_steps) -> IA3Config:
-    targets = _targets(args)
+    targets, fan_in_fan_out = _targets(args), model_type in CONV1D_MODEL_TYPES
     if targets is None:
-        return IA3Config(task_type=TASK)
+        return IA3Config(task_type=TASK, fan_in_fan_out=fan_in_fan_out)
     # With explicit targets, the feed-forward ones (scaled on their input) are those in PEFT's default list.
     ff_default = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, [])
     feedforward = [t for t in targets if t in ff_default]
-    return IA3Config(task_type=TASK, target_modules=targets, feedforward_modules=feedforward)
+    return IA3Config(
+        task_type=TASK, target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=fan_in_fan_out
+    )
 
 
 def _lycoris(config_cls):

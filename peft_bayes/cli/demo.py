@@ -32,22 +32,28 @@ TRAIN_FLAGS = [
     "--train_on_inputs", "false", "--prompt_template", "alpaca_short",
 ]  # fmt: skip
 EVAL_FLAGS = ["--batch_size", "32", "--max_new_tokens", "16", "--prompt_template", "alpaca_short", "--quiet"]
+# Torch threads per step (OMP_NUM_THREADS, unless already set). The demo's matrix products are tiny: with torch's
+# default of one thread per core, another job on a 2-core machine stalls every parallel op on a descheduled thread
+# (training 20x slower beside one busy process). One thread trains ~1.4x slower on an idle machine but never
+# stalls (the README has the measurements).
+THREADS = "1"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script(name: str) -> str:
-    # The repo-root scripts when running from a checkout; the same logic as a module otherwise.
+def command(name: str, args: list[str]) -> list[str]:
+    """The repo-root script ``name``.py when running from a checkout; otherwise the same entry point (``run_cli`` over
+    ``peft_bayes.cli.<name>.main``) inline, since those modules have no ``__main__`` block of their own."""
     path = ROOT / f"{name}.py"
-    return str(path) if path.is_file() else "-m"
+    if path.is_file():
+        return [sys.executable, str(path), *args]
+    code = f"import sys; from peft_bayes.cli.common import run_cli; from peft_bayes.cli.{name} import main; "
+    return [sys.executable, "-c", code + "sys.exit(run_cli(main))", *args]
 
 
 def run(name: str, args: list[str]) -> None:
-    script = _script(name)
-    cmd = (
-        [sys.executable, script, *args] if script != "-m" else [sys.executable, "-m", f"peft_bayes.cli.{name}", *args]
-    )
     print(f"\n$ {name}.py " + " ".join(shlex.quote(a) for a in args), flush=True)
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", THREADS)}
+    subprocess.run(command(name, args), check=True, env=env)
 
 
 def prepare(folder: Path) -> tuple[Path, Path, Path]:

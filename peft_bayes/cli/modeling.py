@@ -149,3 +149,17 @@ def disable_bnb_cpu_repacking(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing on a transformers model or a ``PeftModel`` around one.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and kept the old
+    name as a deprecated alias (a ``FutureWarning`` per call; removed in v6); the earliest 5.x releases we support have
+    only the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

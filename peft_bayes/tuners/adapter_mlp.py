@@ -92,40 +92,6 @@ def parse_scaling(value: float | int | str) -> float | str:
     return scaling
 
 
-class AdapterMLP(nn.Module):
-    """``s * up(act(down(dropout(h))))``: (..., in_features) -> (..., out_features). No biases, as LLM-Adapters."""
-
-    def __init__(self, in_features: int, out_features: int, config: AdapterMLPConfig):
-        super().__init__()
-        self.dropout = nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()
-        self.down = nn.Linear(in_features, config.bottleneck_size, bias=False)
-        self.act = ACT2FN[config.non_linearity]
-        self.up = nn.Linear(config.bottleneck_size, out_features, bias=False)
-        if config.scaling == "learned":
-            self.scale = nn.Parameter(torch.ones(1))
-        else:
-            self.fixed_scale = float(config.scaling)
-        self.reset_parameters(config.init_weights)
-
-    def reset_parameters(self, init_weights: bool | str) -> None:
-        if init_weights == "bert":
-            nn.init.normal_(self.down.weight, std=BERT_INIT_STD)
-            nn.init.normal_(self.up.weight, std=BERT_INIT_STD)
-            return
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        if init_weights is True:
-            nn.init.zeros_(self.up.weight)  # f(h) = 0 at the start: the adapted model equals the base
-        else:
-            nn.init.kaiming_uniform_(self.up.weight, a=math.sqrt(5))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # The adapter keeps its own dtype (fp32 beside a bf16 or 4-bit base: PEFT upcasts adapter weights); the
-        # result goes back to the dtype of the stream it is added to.
-        z = self.up(self.act(self.down(self.dropout(h.to(self.down.weight.dtype)))))
-        scale = self.scale if hasattr(self, "scale") else self.fixed_scale
-        return (z * scale).to(h.dtype)
-
-
 def in_out_features(layer: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear-like layer: ``nn.Linear`` (bitsandbytes' 8-bit and 4-bit layers subclass it), GPT-2's
     ``Conv1D`` (weight stored as in x out)."""
@@ -140,36 +106,112 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
 
 
 class AdapterMLPLayer(nn.Module, BaseTunerLayer):
-    """A frozen Linear-like layer with one [`AdapterMLP`] per adapter name.
+    """A frozen Linear-like layer with, per adapter name, the MLP ``s * up(act(down(dropout(h))))``.
 
-    Subclasses name the ``ModuleDict`` (its name carries the tuner prefix) in ``adapter_layer_names`` and define
-    ``adapter_shape`` and ``adapted_forward``.
+    As in PEFT's own tuners (``lora_A[name]``), each piece of an adapter sits in its own container keyed by the
+    adapter name, whose attribute name starts with the tuner prefix ``p``: ``{p}down[name]`` and ``{p}up[name]``
+    (bias-free ``nn.Linear``, as in LLM-Adapters), ``{p}scale[name]`` (``learned`` scaling only),
+    ``{p}dropout[name]``, ``{p}act[name]`` and ``{p}scaling[name]`` (the config's value). A weight's state-dict key
+    thus ends in ``{p}down.<name>.weight`` and the learned scale's in ``{p}scale.<name>``: the adapter name second to
+    last or last, where PEFT strips it on saving and puts the loading adapter's name back. Checkpoints are therefore
+    independent of the name the adapter had (``q_proj.parallel_down.weight``).
+
+    Subclasses set ``prefix``, list the containers in ``adapter_layer_names`` / ``other_param_names`` (checked at
+    class creation) and define ``adapter_shape`` and ``adapted_forward``.
     """
 
+    prefix: str = ""
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        p = cls.prefix
+        expected = (f"{p}down", f"{p}up", f"{p}scale"), (f"{p}dropout", f"{p}act", f"{p}scaling")
+        if (cls.adapter_layer_names, cls.other_param_names[:3]) != expected:
+            names = f"adapter_layer_names must be {expected[0]}, other_param_names start with {expected[1]}"
+            raise TypeError(f"{cls.__name__}: {names}")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
-        setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
+        p = self.prefix
+        setattr(self, f"{p}down", nn.ModuleDict())
+        setattr(self, f"{p}up", nn.ModuleDict())
+        setattr(self, f"{p}scale", nn.ParameterDict())
+        setattr(self, f"{p}dropout", nn.ModuleDict())
+        setattr(self, f"{p}act", nn.ModuleDict())
+        setattr(self, f"{p}scaling", {})
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
         self.in_features, self.out_features = in_out_features(self.get_base_layer())
 
+    # The containers under tuner-independent names, for the shared code below and for tests.
     @property
-    def adapter_mlps(self) -> nn.ModuleDict:
-        return getattr(self, self.adapter_layer_names[0])
+    def adapter_down(self) -> nn.ModuleDict:
+        return getattr(self, f"{self.prefix}down")
+
+    @property
+    def adapter_up(self) -> nn.ModuleDict:
+        return getattr(self, f"{self.prefix}up")
+
+    @property
+    def adapter_scale(self) -> nn.ParameterDict:
+        return getattr(self, f"{self.prefix}scale")
+
+    @property
+    def adapter_dropout(self) -> nn.ModuleDict:
+        return getattr(self, f"{self.prefix}dropout")
+
+    @property
+    def adapter_act(self) -> nn.ModuleDict:
+        return getattr(self, f"{self.prefix}act")
+
+    @property
+    def adapter_scaling(self) -> dict[str, float | str]:
+        return getattr(self, f"{self.prefix}scaling")
 
     def adapter_shape(self, adapter_name: str) -> tuple[int, int]:
         """(in, out) of the adapter's MLP for this layer."""
         raise NotImplementedError
 
     def update_layer(self, adapter_name: str, config: AdapterMLPConfig, **kwargs: Any) -> None:
-        self.adapter_mlps[adapter_name] = AdapterMLP(*self.adapter_shape(adapter_name), config)
+        d_in, d_out = self.adapter_shape(adapter_name)
+        p = config.adapter_dropout
+        self.adapter_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.adapter_act[adapter_name] = ACT2FN[config.non_linearity]
+        self.adapter_down[adapter_name] = nn.Linear(d_in, config.bottleneck_size, bias=False)
+        self.adapter_up[adapter_name] = nn.Linear(config.bottleneck_size, d_out, bias=False)
+        self.adapter_scaling[adapter_name] = config.scaling
+        if config.scaling == "learned":
+            self.adapter_scale[adapter_name] = nn.Parameter(torch.ones(1))
+        self.reset_adapter_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_adapter_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
+        down, up = self.adapter_down[adapter_name].weight, self.adapter_up[adapter_name].weight
+        if init_weights == "bert":
+            nn.init.normal_(down, std=BERT_INIT_STD)
+            nn.init.normal_(up, std=BERT_INIT_STD)
+            return
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        if init_weights is True:
+            nn.init.zeros_(up)  # f(h) = 0 at the start: the adapted model equals the base
+        else:
+            nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+
+    def adapter_mlp(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
+        """``s * up(act(down(dropout(h))))``: (..., in) -> (..., out) for one adapter."""
+        down = self.adapter_down[adapter_name]
+        # The adapter keeps its own dtype (fp32 beside a bf16 or 4-bit base: PEFT upcasts adapter weights); the
+        # result goes back to the dtype of the stream it is added to.
+        z = self.adapter_dropout[adapter_name](h.to(down.weight.dtype))
+        z = self.adapter_up[adapter_name](self.adapter_act[adapter_name](down(z)))
+        scaling = self.adapter_scaling[adapter_name]
+        scale = self.adapter_scale[adapter_name] if scaling == "learned" else scaling
+        return (z * scale).to(h.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
@@ -181,7 +223,7 @@ class AdapterMLPLayer(nn.Module, BaseTunerLayer):
         return None  # nothing is ever merged
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.adapter_mlps]
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.adapter_down]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, active, *args, **kwargs)
@@ -216,6 +258,17 @@ class AdapterMLPModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # PEFT's load hook (set_peft_model_state_dict). Checkpoints written before the per-tensor layout (up to
+        # issue 10) held one module per adapter: "<layer>.<prefix>adapter.<name>.down.weight" (and .up.weight), the
+        # name it was saved under left in, and "<layer>.<prefix>adapter.scale" (learned scaling; PEFT had stripped
+        # the name there). They become today's "<layer>.<prefix>down.weight", ...; PEFT then inserts the loading
+        # adapter's name.
+        legacy = re.compile(rf"\.{re.escape(cls.prefix)}adapter\.(?:[^.]+\.)?(down\.weight|up\.weight|scale)$")
+        state_dict = {legacy.sub(lambda m: f".{cls.prefix}{m[1]}", k): v for k, v in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _check_merge_allowed(self):
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,3 +25,23 @@ def test_demo_prepare_writes_model_and_data(tmp_path):
 def test_demo_flags_are_valid_train_flags():
     args = build_parser().parse_args(["--base_model", "m", *demo.TRAIN_FLAGS])
     assert args.adapter_name == "lora" and args.train_on_inputs is False
+
+
+def test_demo_steps_run_with_one_thread_unless_set(monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, check, env: seen.append(env["OMP_NUM_THREADS"]))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    demo.run("train", ["--help"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    demo.run("train", ["--help"])
+    assert seen == [demo.THREADS, "2"] and demo.THREADS == "1"
+
+
+def test_demo_steps_run_without_a_checkout(monkeypatch, tmp_path):
+    """Installed without the repo-root scripts, each step runs the same entry point inline (not ``-m``: the cli
+    modules have no ``__main__`` block, so ``python -m peft_bayes.cli.train`` would do nothing and exit 0)."""
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    cmd = demo.command("train", [])
+    assert cmd[1] == "-c"
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and "required: --base_model" in out.stderr  # train.py's main ran

@@ -28,7 +28,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import BayesLoraConfig, sampling
-from peft_bayes.cli.modeling import disable_bnb_cpu_repacking
+from peft_bayes.cli.modeling import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.kernels import sampled_lora as sl
 from peft_bayes.tiny import build_tiny_model, save_tiny_model
 from peft_bayes.tuners.bayeslora.layer import std_from_rho
@@ -336,7 +336,7 @@ def _train_losses(tiny_tokenizer, path, monkeypatch, mean_mode, checkpointing=Fa
     cfg = BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_std=0.2)
     model = get_peft_model(base, cfg).to(DEVICE)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

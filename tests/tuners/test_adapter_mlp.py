@@ -7,10 +7,12 @@ in test_battery.py; this file checks what is particular to these two tuners.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -46,10 +48,15 @@ def _adapted(layer: nn.Module, config) -> nn.Module:
     return model
 
 
-def _mlp_ref(mlp, h: torch.Tensor, act) -> torch.Tensor:
+def _shapes(layer, name: str = "default") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(layer.adapter_down[name].weight.shape), tuple(layer.adapter_up[name].weight.shape)
+
+
+def _mlp_ref(layer, h: torch.Tensor, act, name: str = "default") -> torch.Tensor:
     """s * up(act(down(h))) in float64 from the adapter's own weights."""
-    down, up = mlp.down.weight.double(), mlp.up.weight.double()
-    scale = mlp.scale.double() if hasattr(mlp, "scale") else mlp.fixed_scale
+    down, up = layer.adapter_down[name].weight.double(), layer.adapter_up[name].weight.double()
+    scaling = layer.adapter_scaling[name]
+    scale = layer.adapter_scale[name].double() if scaling == "learned" else scaling
     return scale * (act(h @ down.T) @ up.T)
 
 
@@ -62,12 +69,11 @@ def test_sequential_output_side_closed_form(act, scaling):
     )
     layer = model.base_model.model.proj
     assert isinstance(layer, BottleneckLayer)
-    mlp = layer.bottleneck_adapter["default"]
-    assert (mlp.down.weight.shape, mlp.up.weight.shape) == ((5, 13), (13, 5))
+    assert _shapes(layer) == ((5, 13), (13, 5))
     x = torch.randn(3, 4, 9)
     w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
     h = x.double() @ w.T + b
-    expected = h + _mlp_ref(mlp, h, ACTS[act])
+    expected = h + _mlp_ref(layer, h, ACTS[act])
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -75,10 +81,9 @@ def test_sequential_input_side_closed_form():
     cfg = BottleneckConfig(target_modules=["proj"], input_side_modules=["proj"], bottleneck_size=4)
     model = _adapted(nn.Linear(9, 13), cfg)
     layer = model.base_model.model.proj
-    mlp = layer.bottleneck_adapter["default"]
-    assert (mlp.down.weight.shape, mlp.up.weight.shape) == ((4, 9), (9, 4))  # in -> b -> in
+    assert _shapes(layer) == ((4, 9), (9, 4))  # in -> b -> in
     x = torch.randn(2, 9)
-    x2 = x.double() + _mlp_ref(mlp, x.double(), torch.tanh)
+    x2 = x.double() + _mlp_ref(layer, x.double(), torch.tanh)
     expected = x2 @ layer.base_layer.weight.double().T + layer.base_layer.bias.double()
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -89,12 +94,11 @@ def test_parallel_closed_form_and_scaled_preset():
     model = _adapted(nn.Linear(9, 13), cfg)
     layer = model.base_model.model.proj
     assert isinstance(layer, ParallelLayer)
-    mlp = layer.parallel_adapter["default"]
-    assert (mlp.down.weight.shape, mlp.up.weight.shape) == ((6, 9), (13, 6))  # in -> b -> out
+    assert _shapes(layer) == ((6, 9), (13, 6))  # in -> b -> out
     x = torch.randn(5, 9)
     expected = x.double() @ layer.base_layer.weight.double().T + layer.base_layer.bias.double()
-    expected = expected + _mlp_ref(mlp, x.double(), torch.relu)
-    assert mlp.fixed_scale == 4.0
+    expected = expected + _mlp_ref(layer, x.double(), torch.relu)
+    assert layer.parallel_scaling["default"] == 4.0 and "default" not in layer.parallel_scale
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -109,8 +113,7 @@ def test_gpt2_conv1d_base_layer():
         assert (layer.in_features, layer.out_features) == (9, 13)
         x = torch.randn(2, 9)
         h = x.double() @ layer.base_layer.weight.double() + layer.base_layer.bias.double()
-        mlp = layer.adapter_mlps["default"]
-        expected = h + _mlp_ref(mlp, h if isinstance(cfg, BottleneckConfig) else x.double(), torch.tanh)
+        expected = h + _mlp_ref(layer, h if isinstance(cfg, BottleneckConfig) else x.double(), torch.tanh)
         torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -140,38 +143,37 @@ def test_bitsandbytes_base_layers(kind, tuner):
     model = _adapted(layer, cls(target_modules=["proj"], bottleneck_size=8))
     wrapped = model.base_model.model.proj
     assert type(wrapped.base_layer).__name__ == ("Linear8bitLt" if kind == "8bit" else "Linear4bit")
-    mlp = wrapped.adapter_mlps["default"]
-    expected = base_out + _mlp_ref(mlp, base_out if tuner == "bottleneck" else x.double(), torch.tanh)
+    expected = base_out + _mlp_ref(wrapped, base_out if tuner == "bottleneck" else x.double(), torch.tanh)
     out = model(x)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
     out.sum().backward()
-    assert mlp.down.weight.grad is not None and mlp.down.weight.grad.abs().sum() > 0
+    grad = wrapped.adapter_down["default"].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
 
 
 def test_learned_scaling_is_a_trainable_scalar_starting_at_one():
     model = get_peft_model(
         Net(nn.Linear(9, 13)), ParallelAdapterConfig(target_modules=["proj"], scaling="learned", bottleneck_size=4)
     )
-    scale = model.base_model.model.proj.parallel_adapter["default"].scale
+    scale = model.base_model.model.proj.parallel_scale["default"]
     assert scale.shape == (1,) and scale.item() == 1.0 and scale.requires_grad
-    assert "base_model.model.proj.parallel_adapter.default.scale" in dict(model.named_parameters())
+    assert "base_model.model.proj.parallel_scale.default" in dict(model.named_parameters())
 
 
 def test_init_options():
-    def mlp_of(init):
+    def weights_of(init):  # (down, up)
         torch.manual_seed(0)
         cfg = BottleneckConfig(target_modules=["proj"], bottleneck_size=256, init_weights=init)
-        return get_peft_model(Net(nn.Linear(512, 512)), cfg).base_model.model.proj.bottleneck_adapter["default"]
+        layer = get_peft_model(Net(nn.Linear(512, 512)), cfg).base_model.model.proj
+        return layer.bottleneck_down["default"].weight, layer.bottleneck_up["default"].weight
 
-    identity = mlp_of(True)
-    assert identity.up.weight.abs().sum() == 0 and identity.down.weight.abs().sum() > 0
+    down, up = weights_of(True)
+    assert up.abs().sum() == 0 and down.abs().sum() > 0
     bound = 1 / math.sqrt(512)  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    assert identity.down.weight.abs().max() <= bound
-    bert = mlp_of("bert")
-    for w in (bert.down.weight, bert.up.weight):  # 131072 draws: the std is within 1% of 0.02
+    assert down.abs().max() <= bound
+    for w in weights_of("bert"):  # 131072 draws: the std is within 1% of 0.02
         assert abs(w.std().item() - BERT_INIT_STD) < 0.01 * BERT_INIT_STD and abs(w.mean().item()) < 1e-3
-    random = mlp_of(False)
-    assert random.up.weight.abs().sum() > 0
+    assert weights_of(False)[1].abs().sum() > 0
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_merging_is_refused_and_unload_returns_the_base(cfg, tiny_llama):
         model.merge_adapter()
     layer = model.base_model.model.model.layers[0]
     with pytest.raises(ValueError, match="cannot be merged"):
-        next(m for m in layer.modules() if hasattr(m, "adapter_mlps")).merge()
+        next(m for m in layer.modules() if hasattr(m, "adapter_down")).merge()
     with torch.no_grad():  # the refused merges left the model as it was, adapters and all
         for p in model.parameters():
             if p.requires_grad:
@@ -198,7 +200,7 @@ def test_merging_is_refused_and_unload_returns_the_base(cfg, tiny_llama):
     assert not torch.allclose(model(input_ids=torch.arange(10)[None]).logits, base_out)
     unloaded = model.unload()
     assert isinstance(unloaded, LlamaForCausalLM)
-    assert not any(hasattr(m, "adapter_mlps") for m in unloaded.modules())
+    assert not any(hasattr(m, "adapter_down") for m in unloaded.modules())
     torch.testing.assert_close(unloaded(input_ids=torch.arange(10)[None]).logits, base_out, rtol=0, atol=0)
 
 
@@ -211,8 +213,8 @@ def test_two_active_sequential_adapters_compose_in_order():
     layer.set_adapter(["default", "second"])
     x = torch.randn(4, 9)
     h = layer.base_layer(x).double()
-    h = h + _mlp_ref(layer.bottleneck_adapter["default"], h, torch.tanh)
-    h = h + _mlp_ref(layer.bottleneck_adapter["second"], h, torch.tanh)
+    h = h + _mlp_ref(layer, h, torch.tanh, "default")
+    h = h + _mlp_ref(layer, h, torch.tanh, "second")
     torch.testing.assert_close(model(x).double(), h, rtol=1e-5, atol=1e-5)
 
 
@@ -253,6 +255,54 @@ def test_round_trip_keeps_input_side_and_learned_scale(tmp_path, tiny_llama):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     up = loaded.base_model.model.model.layers[1].mlp.up_proj
-    assert up.bottleneck_input_side["default"] and up.bottleneck_adapter["default"].down.in_features == 32
+    assert up.bottleneck_input_side["default"] and up.bottleneck_down["default"].in_features == 32
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
     assert peft_bayes.registry.registered_tuners()["bottleneck"].prefix == "bottleneck_"
+
+
+@pytest.mark.parametrize("tuner", ["bottleneck", "parallel"])
+def test_checkpoint_key_layout(tuner):
+    """One container per tensor, keyed by adapter name (PEFT's ``lora_A[name]`` layout): saved keys carry no name."""
+    cls = BottleneckConfig if tuner == "bottleneck" else ParallelAdapterConfig
+    model = get_peft_model(Net(nn.Linear(9, 13)), cls(target_modules=["proj"], bottleneck_size=3, scaling="learned"))
+    model.add_adapter("other", cls(target_modules=["proj"], bottleneck_size=3, scaling="learned"))
+    p = f"base_model.model.proj.{tuner}_"
+    assert {n for n, _ in model.named_parameters() if ".other" in n} == {
+        f"{p}down.other.weight", f"{p}up.other.weight", f"{p}scale.other"
+    }  # fmt: skip
+    expected = {f"{p}down.weight", f"{p}up.weight", f"{p}scale"}
+    assert set(get_peft_model_state_dict(model, adapter_name="other")) == expected
+
+
+def _to_old_layout(state_dict: dict, prefix: str, saved_as: str) -> dict:
+    """Keys as peft_bayes wrote them before issue 10 (checked against checkpoints saved by that code): one module per
+    adapter, the name kept in the weights' keys and stripped by PEFT from the learned scale's."""
+    old = {}
+    for key, value in state_dict.items():
+        key = re.sub(rf"\.{prefix}(down|up)\.weight$", rf".{prefix}adapter.{saved_as}.\1.weight", key)
+        old[re.sub(rf"\.{prefix}scale$", f".{prefix}adapter.scale", key)] = value
+    return old
+
+
+@pytest.mark.filterwarnings("error:Found missing adapter keys")
+@pytest.mark.parametrize("saved_as", ["default", "other"])
+@pytest.mark.parametrize("tuner", ["bottleneck", "parallel"])
+def test_checkpoints_in_the_old_key_layout_still_load(tuner, saved_as, tmp_path, tiny_llama):
+    cls = BottleneckConfig if tuner == "bottleneck" else ParallelAdapterConfig
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), cls(bottleneck_size=4, scaling="learned", init_weights=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # the learned scales too
+    ids = torch.arange(12)[None]
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    old = _to_old_layout(load_file(file), f"{tuner}_", saved_as)
+    assert any(k.endswith(f"_adapter.{saved_as}.down.weight") for k in old)
+    assert any(k.endswith("_adapter.scale") for k in old)
+    save_file(old, file)
+    for name in ("default", "mine"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, adapter_name=name).eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)

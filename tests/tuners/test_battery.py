@@ -7,8 +7,9 @@ entry; ``test_every_registered_tuner_is_in_the_battery`` fails until it does.
 Invariants, on tiny LLaMA / GPT-2 / OPT / BLOOM / GPT-J / GPT-NeoX:
   identity-initialised adapters start equal to the base; ``disable_adapter()`` equals the base; only adapter
   parameters require grad and only they change in an optimizer step; save -> ``PeftModel.from_pretrained`` gives
-  identical outputs; two adapters switch cleanly; gradient checkpointing gives the same gradients; bf16 bases; a
-  4-bit base on CPU.
+  identical outputs; two adapters (both perturbed) switch cleanly; an adapter saved under any name loads back
+  exactly under any name, and our tuners' checkpoint keys carry no adapter name; gradient checkpointing gives the
+  same gradients; bf16 bases; a 4-bit base on CPU.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import registry
 from peft_bayes.cli import adapters
-from peft_bayes.cli.modeling import disable_bnb_cpu_repacking
+from peft_bayes.cli.modeling import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.cli.train import build_parser
 from peft_bayes.errors import InputError
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model
@@ -61,16 +62,23 @@ def adapt(bases, name, arch, seed=0):
     return get_peft_model(fresh(bases, arch), make_config(name, bases[arch].config.model_type)).eval()
 
 
+def renamed(param_name: str, old: str, new: str) -> str:
+    """``param_name`` with its adapter-name component ``old`` (wherever it sits, last included) set to ``new``."""
+    return f".{param_name}.".replace(f".{old}.", f".{new}.")[1:-1]
+
+
 def perturb(model, adapter_name: str = "default", seed: int = 1, scale: float = 0.3) -> None:
-    """Moves the adapter's trainable weights away from their (often identity) initial values.
+    """Moves one adapter's weights away from their (often identity) initial values, active (trainable) or not.
 
     Parameters that are frozen by design (AdaLoRA's ``ranknum``) are recognised as those frozen in the trainable
-    ``default`` adapter, and left alone.
+    ``default`` adapter, and left alone: call this while ``default`` is the active adapter.
     """
     gen = torch.Generator().manual_seed(seed)
-    fixed = {n.replace(".default.", f".{adapter_name}.") for n, p in model.named_parameters() if not p.requires_grad}
+    params = dict(model.named_parameters())
+    in_default = [n for n in params if ".default." in f".{n}."]
+    fixed = {renamed(n, "default", adapter_name) for n in in_default if not params[n].requires_grad}
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params.items():
             if f".{adapter_name}." in f".{name}." and p.is_floating_point() and name not in fixed:
                 p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
 
@@ -145,27 +153,71 @@ def test_save_load_round_trip(bases, name, arch, tmp_path):
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name,arch", CASES)
-def test_switching_between_two_adapters(bases, name, arch, tmp_path):
-    model = adapt(bases, name, arch)
-    perturb(model, "default", seed=1)
-    out_default = logits(model)
+def add_second_adapter(model, bases, name, arch, adapter_name: str = "other") -> None:
+    """Adds a second adapter of the same kind, perturbed (non-identity) with another seed, left inactive."""
     # AdaLoRA allows one trainable adapter only; the second one is added for inference.
     second = make_config(name, bases[arch].config.model_type, inference_mode=(name == "adalora"))
-    model.add_adapter("other", second)
-    perturb(model, "other", seed=2)
+    model.add_adapter(adapter_name, second)
+    perturb(model, adapter_name, seed=2)
+
+
+@pytest.mark.parametrize("name,arch", CASES)
+def test_switching_between_two_adapters(bases, name, arch):
+    model = adapt(bases, name, arch)
+    perturb(model, "default", seed=1)
+    out_default, base = logits(model), logits(bases[arch])
+    add_second_adapter(model, bases, name, arch)
     torch.testing.assert_close(logits(model), out_default, rtol=0, atol=0)  # adding does not activate
     model.set_adapter("other")
     out_other = logits(model)
-    assert (out_other - out_default).abs().max() > 1e-3
-    model.save_pretrained(tmp_path, selected_adapters=["other"])
-    alone = PeftModel.from_pretrained(fresh(bases, arch), tmp_path / "other").eval()
-    torch.testing.assert_close(logits(alone), out_other, rtol=0, atol=0)
+    assert (out_other - base).abs().max() > 1e-3, "the second adapter should be perturbed away from the base"
+    assert (out_other - out_default).abs().max() > 1e-3, "the two adapters should differ"
     model.set_adapter("default")
     torch.testing.assert_close(logits(model), out_default, rtol=0, atol=0)
     model.delete_adapter("other")
     assert "other" not in model.peft_config
     torch.testing.assert_close(logits(model), out_default, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("error:Found missing adapter keys")
+@pytest.mark.parametrize("name,arch", CASES)
+def test_named_adapter_round_trip(bases, name, arch, tmp_path):
+    """An adapter saved under a name other than ``default`` loads back exactly, under any name."""
+    model = adapt(bases, name, arch)
+    perturb(model, "default", seed=1)
+    out_default = logits(model)
+    add_second_adapter(model, bases, name, arch)
+    model.set_adapter("other")
+    out_other = logits(model)
+    assert (out_other - out_default).abs().max() > 1e-3 and (out_other - logits(bases[arch])).abs().max() > 1e-3
+    model.save_pretrained(tmp_path, selected_adapters=["other"])
+    loaded = PeftModel.from_pretrained(fresh(bases, arch), tmp_path / "other").eval()  # as "default"
+    torch.testing.assert_close(logits(loaded), out_other, rtol=0, atol=0)
+    renamed_model = PeftModel.from_pretrained(fresh(bases, arch), tmp_path / "other", adapter_name="mine").eval()
+    torch.testing.assert_close(logits(renamed_model), out_other, rtol=0, atol=0)
+    model.set_adapter("default")
+    model.save_pretrained(tmp_path / "first", selected_adapters=["default"])
+    loaded.load_adapter(tmp_path / "first", adapter_name="first")  # a default-named save, loaded as "first"
+    loaded.set_adapter("first")
+    torch.testing.assert_close(logits(loaded), out_default, rtol=0, atol=0)
+    loaded.set_adapter("default")
+    torch.testing.assert_close(logits(loaded), out_other, rtol=0, atol=0)
+
+
+OWN_TYPES = {t.peft_type for t in registry.registered_tuners().values()}
+OWN_CASES = [(n, a) for n, a in CASES if adapters.ADAPTERS[n].peft_type in OWN_TYPES]
+
+
+@pytest.mark.parametrize("name,arch", OWN_CASES)
+def test_saved_keys_carry_no_adapter_name(bases, name, arch):
+    """Our tuners' checkpoint keys are the same whatever the adapter is called: PEFT strips the name on saving and
+    puts the loading adapter's name back, but only where its own tuners keep it (``lora_A.<name>.weight``)."""
+    model = adapt(bases, name, arch)
+    add_second_adapter(model, bases, name, arch, adapter_name="second")
+    keys = {a: set(get_peft_model_state_dict(model, adapter_name=a)) for a in ("default", "second")}
+    assert keys["default"] and keys["default"] == keys["second"], sorted(keys["default"] ^ keys["second"])[:4]
+    stray = [k for k in keys["second"] if {"default", "second"} & set(k.split("."))]
+    assert not stray, stray[:4]
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -183,7 +235,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(bases, name, arch):
     model = adapt(bases, name, arch)
     perturb(model)
     plain = _grads(model)
-    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model.base_model)
     model.enable_input_require_grads()
     checkpointed = _grads(model)
     assert plain and plain.keys() == checkpointed.keys()

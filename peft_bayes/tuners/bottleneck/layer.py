@@ -17,8 +17,9 @@ class BottleneckLayer(AdapterMLPLayer):
     Several active adapters are applied one after another, in the order they are active.
     """
 
-    adapter_layer_names = ("bottleneck_adapter",)
-    other_param_names = ("bottleneck_input_side",)
+    prefix = "bottleneck_"
+    adapter_layer_names = ("bottleneck_down", "bottleneck_up", "bottleneck_scale")
+    other_param_names = ("bottleneck_dropout", "bottleneck_act", "bottleneck_scaling", "bottleneck_input_side")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterMLPConfig, **kwargs: Any) -> None:
         super().__init__(base_layer)
@@ -37,11 +38,11 @@ class BottleneckLayer(AdapterMLPLayer):
     def adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         for name in active:
             if self.bottleneck_input_side[name]:
-                x = x + self.adapter_mlps[name](x)
+                x = x + self.adapter_mlp(name, x)
         h = self.base_layer(x, *args, **kwargs)
         for name in active:
             if not self.bottleneck_input_side[name]:
-                h = h + self.adapter_mlps[name](h)
+                h = h + self.adapter_mlp(name, h)
         return h
 
     def __repr__(self) -> str:

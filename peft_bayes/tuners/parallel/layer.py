@@ -13,7 +13,9 @@ from peft_bayes.tuners.adapter_mlp import AdapterMLPConfig, AdapterMLPLayer
 class ParallelLayer(AdapterMLPLayer):
     """``y = base(x) + sum over active adapters of s f(x)``, ``f``: in_features -> out_features."""
 
-    adapter_layer_names = ("parallel_adapter",)
+    prefix = "parallel_"
+    adapter_layer_names = ("parallel_down", "parallel_up", "parallel_scale")
+    other_param_names = ("parallel_dropout", "parallel_act", "parallel_scaling")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterMLPConfig, **kwargs: Any) -> None:
         super().__init__(base_layer)
@@ -26,7 +28,7 @@ class ParallelLayer(AdapterMLPLayer):
     def adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         for name in active:
-            y = y + self.adapter_mlps[name](x).to(y.dtype)
+            y = y + self.adapter_mlp(name, x).to(y.dtype)
         return y
 
     def __repr__(self) -> str:
