@@ -270,7 +270,10 @@ def test_choice_evaluation_with_trained_bayeslora(llama_dir, choice_data, tmp_pa
     summary0, rows0 = _eval(llama_dir, tmp_path / "mean", *flags, "--samples", 0)
     assert summary0["samples"] == 0 and [r["probs"] for r in rows0] != [r["probs"] for r in rows]
     again, rows_again = _eval(llama_dir, tmp_path / "again", *flags, "--batch_size", 1)
-    assert [r["probs"] for r in rows_again] == [r["probs"] for r in rows]  # seeded, batch-independent draws
+    # seeded, batch-independent draws: equal up to float32 rounding, which depends on the batch's padding (the draws
+    # themselves differ by ~1e-2 between samples, as the N = 0 comparison above shows)
+    for a, b in zip(rows_again, rows, strict=True):
+        assert a["probs"] == pytest.approx(b["probs"], abs=1e-6)
 
 
 def test_ood_auroc_from_predictive_entropy(llama_dir, choice_data, tmp_path):
