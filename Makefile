@@ -28,7 +28,7 @@ demo: install
 	$(PY) -m peft_bayes.cli.demo $(DEMO_DIR) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
-# The real-model calibration bench at small size (~6-10 min on 2 CPU cores): zero-shot, LoRA, BayesLoRA (N = 4 and
+# The real-model calibration bench at small size (4 min 17 s measured on 2 idle CPU cores): zero-shot, LoRA, BayesLoRA (N = 4 and
 # N = 0) on SmolLM2-135M, ARC-Easy in the cloze format with the chat template; DEMO_REAL_ARGS passes more flags.
 demo-real: install-real
 	@start=$$(date +%s); \
