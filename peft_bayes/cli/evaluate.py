@@ -196,12 +196,12 @@ def load_eval_set(name: str, path: str, limit: int | None, prompter, choice_form
 
 
 def _cloze_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, prompter) -> EvalSet:
-    from peft_bayes.data.choices import gold_index, parse_choice_question
+    from peft_bayes.data.choices import parse_choice_question
 
     questions = [parse_choice_question(r, f"{path}: record {i}") for i, r in enumerate(records)]
     prompts = [prompter.generate_prompt(q.stem, r.get("input")) for q, r in zip(questions, records)]
     data = EvalSet(name, path, records, task, prompts, options=[q.labels for q in questions])
-    data.golds = [gold_index(r, q.labels, f"{path}: record {i}") for i, (r, q) in enumerate(zip(records, questions))]
+    data.golds = gold_indices(records, data.options, path)
     data.pairs = [choice_scoring.cloze_pairs(p, q) for p, q in zip(prompts, questions)]
     data.texts = [q.texts for q in questions]
     return data
