@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from peft_bayes.cli.batching import generate_batched
-from peft_bayes.cli.choice_scoring import label_pairs, option_probabilities, score_pairs
+from peft_bayes.cli.choice_scoring import encode_pairs, label_pairs, option_probabilities, score_pairs
 from peft_bayes.data.answers import TaskSpec, extract_answer, is_correct
 from peft_bayes.errors import InputError
 from peft_bayes.tuners.bayeslora import is_bayesian, posterior_sample, sampling
@@ -84,9 +84,10 @@ def averaged_pair_probs(
         One (len(pairs[i]),) float64 tensor per example, summing to 1.
     """
     total: list[torch.Tensor] | None = None
+    encoded = [encode_pairs(tokenizer, p) for p in pairs]  # the same token ids in every pass
     for context, tick in posterior_passes(model, samples, seed, progress):
         with context:
-            scores = score_pairs(model, tokenizer, pairs, batch_size, tick, scoring, norm)
+            scores = score_pairs(model, tokenizer, pairs, batch_size, tick, scoring, norm, encoded)
         probs = option_probabilities(scores)
         total = probs if total is None else [t + p for t, p in zip(total, probs)]
     return [t / max(samples, 1) for t in total]

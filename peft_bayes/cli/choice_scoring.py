@@ -307,6 +307,7 @@ def score_pairs(
     progress: Callable[[int, int], None] | None = None,
     scoring: str = "shared",
     norm: str = "none",
+    encoded: Sequence[Sequence[tuple[list[int], int]]] | None = None,
 ) -> list[torch.Tensor]:
     """Scores of every option of every example; ``batch_size`` examples per forward pass.
 
@@ -316,6 +317,8 @@ def score_pairs(
         scoring: ``shared`` (the shared tokens once, then the options from the KV cache) or ``full`` (every option
             as its own sequence, the reference); prompt-learning adapters always take ``full``.
         norm: ``none`` (summed log-likelihood), ``tokens`` (per continuation token) or ``chars`` (per character).
+        encoded: ``[encode_pairs(tokenizer, p) for p in pairs]`` when the caller scores the same pairs repeatedly
+            (one pass per posterior sample): tokenized once.
 
     Returns:
         One (len(pairs[i]),) float64 tensor per example, in input order.
@@ -324,7 +327,7 @@ def score_pairs(
         raise InputError(f"--choice_scoring must be one of {'/'.join(SCORING_PATHS)}, got {scoring!r}")
     if norm not in CHOICE_NORMS:
         raise InputError(f"--choice_norm must be one of {'/'.join(CHOICE_NORMS)}, got {norm!r}")
-    seqs = [encode_pairs(tokenizer, p) for p in pairs]
+    seqs = encoded if encoded is not None else [encode_pairs(tokenizer, p) for p in pairs]
     lengths = [max(len(ids) for ids, _ in s) for s in seqs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shared = scoring == "shared" and not _is_prompt_learning(model)
