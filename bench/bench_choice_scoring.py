@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def time_path(model, tok, data, scoring: str, batch_size: int) -> tuple[float, list]:
-    from peft_bayes.cli.choice_scoring import score_pairs
+    from peft_bayes.evaluation.choice_scoring import score_pairs
 
     t0 = time.perf_counter()
     scores = score_pairs(model, tok, data.pairs, batch_size, scoring=scoring)

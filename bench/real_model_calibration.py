@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "llm-adapters" / "dataset"
 STEM = "real_model_calibration"
-ECE_BINS = 15  # evaluate.py's bins (peft_bayes.cli.bayes_eval.ECE_BINS)
+ECE_BINS = 15  # evaluate.py's bins (peft_bayes.evaluation.calibration.ECE_BINS)
 Flags = Callable[[argparse.Namespace], list[str]]
 
 

@@ -14,13 +14,20 @@ import os
 import time
 from dataclasses import dataclass
 
-from peft_bayes.cli import adapters, bayes_eval, choice_scoring
-from peft_bayes.cli.batching import generate_batched, make_batches
-from peft_bayes.cli.choice_scoring import CHOICE_NORMS, DEFAULT_PREFIX, SCORING_PATHS, example_options, gold_indices
+from peft_bayes.cli import adapters
 from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
 from peft_bayes.data.answers import TaskSpec
 from peft_bayes.data.choices import CHOICE_FORMATS
 from peft_bayes.errors import InputError
+from peft_bayes.evaluation import calibration, choice_scoring, predictive, votes
+from peft_bayes.evaluation.batching import generate_batched, make_batches
+from peft_bayes.evaluation.choice_scoring import (
+    CHOICE_NORMS,
+    DEFAULT_PREFIX,
+    SCORING_PATHS,
+    example_options,
+    gold_indices,
+)
 
 __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_batches", "resolve_dataset"]
 
@@ -236,7 +243,7 @@ def _progress(args, name: str):
 
 
 def _choice_probs(model, tokenizer, data: EvalSet, args, samples: int, label: str) -> list:
-    return bayes_eval.averaged_pair_probs(
+    return predictive.averaged_pair_probs(
         model, tokenizer, data.pairs, args.batch_size, samples, args.seed, _progress(args, label),
         args.choice_scoring, args.choice_norm,
     )  # fmt: skip
@@ -245,33 +252,33 @@ def _choice_probs(model, tokenizer, data: EvalSet, args, samples: int, label: st
 def evaluate_choice(model, tokenizer, data: EvalSet, args, samples: int) -> tuple[list[dict], dict, list]:
     """Option-likelihood scoring: (rows, metrics, averaged probabilities)."""
     probs = _choice_probs(model, tokenizer, data, args, samples, data.name)
-    rows = bayes_eval.choice_rows(data.records, data.prompts, data.options, data.golds, probs, data.texts)
+    rows = calibration.choice_rows(data.records, data.prompts, data.options, data.golds, probs, data.texts)
     metrics = {"scoring": "option-likelihood", "choice_format": args.choice_format}
     if args.choice_format == "label":
         metrics["choice_prefix"] = args.choice_prefix
     metrics.update({"choice_norm": args.choice_norm, "choice_scoring": args.choice_scoring})
-    metrics.update(bayes_eval.choice_metrics(probs, data.golds))
+    metrics.update(calibration.choice_metrics(probs, data.golds))
     return rows, metrics, probs
 
 
 def evaluate_generation(model, tokenizer, data: EvalSet, args, samples: int, prompter) -> tuple[list[dict], dict]:
     """Greedy generation per posterior sample and a majority vote: (rows, metrics)."""
     gen = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
-    passes = bayes_eval.sampled_generations(
+    passes = predictive.sampled_generations(
         model, tokenizer, data.prompts, samples, args.seed, gen, _progress(args, data.name)
     )
     responses = [[prompter.get_response(g) for g in gens] for gens in passes]
-    rows = bayes_eval.vote_rows(data.records, data.prompts, responses, data.task)
+    rows = votes.vote_rows(data.records, data.prompts, responses, data.task)
     metrics = {"scoring": "generation-vote", **gen}
-    metrics.update(bayes_eval.vote_metrics([r["confidence"] for r in rows], [r["correct"] for r in rows]))
+    metrics.update(votes.vote_metrics([r["confidence"] for r in rows], [r["correct"] for r in rows]))
     return rows, metrics
 
 
 def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: int, id_probs) -> tuple[list, dict]:
     """Scores the OOD set like the test set; (rows, metrics) with the entropy AUROC."""
     probs = _choice_probs(model, tokenizer, ood, args, samples, f"{ood.name} (OOD)")
-    rows = bayes_eval.choice_rows(ood.records, ood.prompts, ood.options, ood.golds, probs, ood.texts)
-    metrics = {"ood_dataset": ood.name, "ood_data_path": ood.path, **bayes_eval.ood_metrics(id_probs, probs)}
+    rows = calibration.choice_rows(ood.records, ood.prompts, ood.options, ood.golds, probs, ood.texts)
+    metrics = {"ood_dataset": ood.name, "ood_data_path": ood.path, **calibration.ood_metrics(id_probs, probs)}
     metrics["ood_accuracy_percent"] = 100 * sum(r["correct"] for r in rows) / len(rows)
     return rows, metrics
 
@@ -294,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{data.task.kind!r} task and {ood.name} a {ood.task.kind!r} task"
             )
     if args.samples and _saved_peft_type(args.adapter) != "BAYESLORA":  # fail before loading the model
-        bayes_eval.resolve_samples(args.samples, None)
+        predictive.resolve_samples(args.samples, None)
     model, tokenizer = load_eval_model(args)
-    samples = bayes_eval.resolve_samples(args.samples, model)
+    samples = predictive.resolve_samples(args.samples, model)
     t0 = time.perf_counter()
     probs, ood_rows = None, None
     if data.task.kind == "choice":
@@ -321,7 +328,7 @@ def write_outputs(output_dir: str, data: EvalSet, summary: dict, rows, probs=Non
     write_json_atomic(stem + "_predictions.json", rows)
     if probs is not None:
         title = f"{data.name}, {summary['samples'] or 'no'} posterior samples"
-        png = bayes_eval.write_reliability(probs, data.golds, stem + "_reliability.png", title)
+        png = calibration.write_reliability(probs, data.golds, stem + "_reliability.png", title)
         summary["reliability_diagram"] = png
     write_json_atomic(stem + "_summary.json", summary)
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peft_bayes.cli.choice_scoring import cloze_pairs, label_pairs, score_pairs
 from peft_bayes.cli.evaluate import main as evaluate_main
 from peft_bayes.cli.modeling import load_tokenizer
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.data.choices import parse_choice_question
 from peft_bayes.errors import InputError
+from peft_bayes.evaluation.choice_scoring import cloze_pairs, label_pairs, score_pairs
 from peft_bayes.tiny import TINY_ARCHITECTURES
 from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample
 
@@ -254,7 +254,7 @@ def _brute_force_cost(lengths, overhead):
 def test_length_groups_are_optimal_and_cover_every_row(seed):
     import random
 
-    from peft_bayes.cli.choice_scoring import length_groups
+    from peft_bayes.evaluation.choice_scoring import length_groups
 
     rng = random.Random(seed)
     lengths = [rng.choice([1, 2, 3, 5, 8, 20, 31]) for _ in range(rng.randint(1, 9))]
@@ -268,7 +268,7 @@ def test_length_groups_are_optimal_and_cover_every_row(seed):
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
 def test_shared_equals_full_when_every_option_is_its_own_group(arch, model_dirs, monkeypatch):
-    import peft_bayes.cli.choice_scoring as cs
+    import peft_bayes.evaluation.choice_scoring as cs
 
     monkeypatch.setattr(cs, "_GROUP_OVERHEAD_TOKENS", 0)  # no cost per group: one group per remainder length
     model, tok = _load(model_dirs[arch])

@@ -10,9 +10,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peft_bayes.cli import bayes_eval
-from peft_bayes.cli.bayes_eval import averaged_option_probs, majority_vote, sample_seed, vote_metrics
-from peft_bayes.cli.choice_scoring import option_sequences, score_options, split_continuation
 from peft_bayes.cli.common import run_cli
 from peft_bayes.cli.evaluate import generate_batched, load_eval_model
 from peft_bayes.cli.evaluate import main as evaluate_main
@@ -20,6 +17,10 @@ from peft_bayes.cli.modeling import load_tokenizer
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.data.synthetic import make_choice_problems, write_choice_data
 from peft_bayes.errors import InputError
+from peft_bayes.evaluation import predictive as bayes_eval
+from peft_bayes.evaluation.choice_scoring import option_sequences, score_options, split_continuation
+from peft_bayes.evaluation.predictive import averaged_option_probs, sample_seed
+from peft_bayes.evaluation.votes import majority_vote, vote_metrics
 from peft_bayes.metrics import auroc, confidence_calibration_error
 from peft_bayes.tiny import TINY_ARCHITECTURES
 from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample

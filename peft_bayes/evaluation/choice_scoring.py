@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from peft_bayes.cli.batching import make_batches
 from peft_bayes.data.answers import TaskSpec
 from peft_bayes.data.choices import ChoiceQuestion, gold_index
 from peft_bayes.data.choices import example_options as _record_options
 from peft_bayes.errors import InputError
+from peft_bayes.evaluation.batching import make_batches
 
 DEFAULT_PREFIX = "the correct answer is "
 SCORING_PATHS = ("shared", "full")
@@ -291,7 +291,7 @@ def _is_prompt_learning(model) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def _normalisers(pairs: Sequence[Pair], seqs: Sequence[tuple[list[int], int]], norm: str) -> torch.Tensor:
+def normalisers(pairs: Sequence[Pair], seqs: Sequence[tuple[list[int], int]], norm: str) -> torch.Tensor:
     if norm == "tokens":
         return torch.tensor([float(n) for _, n in seqs], dtype=torch.float64)
     if norm == "chars":
@@ -341,7 +341,7 @@ def score_pairs(
             flat = sequence_log_likelihoods(model, [seq for s in batch for seq in s], pad_id)
             logliks = list(flat.split([len(s) for s in batch]))
         for i, ll in zip(idx, logliks):
-            scores[i] = ll / _normalisers(pairs[i], seqs[i], norm)
+            scores[i] = ll / normalisers(pairs[i], seqs[i], norm)
         done += len(idx)
         if progress:
             progress(done, len(pairs))

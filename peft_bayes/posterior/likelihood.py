@@ -1,0 +1,123 @@
+"""The two likelihoods a posterior is fitted and evaluated with, as differentiable functions of the model.
+
+- ``choice``: a categorical over each example's answer options. The option scores are the (normalised) summed
+  log-probabilities of each option's continuation tokens, exactly what evaluation scores, computed on the ``full``
+  path (one row per option) so they can be differentiated; the categorical's logits are these scores.
+- ``lm``: token-level next-token likelihood of the response tokens (labels, ``-100`` elsewhere), for generation
+  tasks.
+
+Batches are plain tensors built by the evaluation / data layers; this module only needs torch and the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class ChoiceBatch:
+    """``B`` multiple-choice examples as ``R`` rows, one per (example, option).
+
+    Attributes:
+        input_ids, attention_mask: (R, L) right-padded context + continuation of each option.
+        targets: (R, L) the token position ``t`` predicts (``input_ids[r, t + 1]``) where it belongs to the
+            continuation, ``-100`` elsewhere.
+        row_weight: (R,) multiplier of each row's summed log-probability (1, 1 / tokens or 1 / characters).
+        example: (R,) the example (0..B-1) of each row; ``option``: (R,) its option index.
+        labels: (B,) the gold option of each example (-1 where unknown).
+        index: (B,) each example's index in the whole data set.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    row_weight: torch.Tensor
+    example: torch.Tensor
+    option: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_options(self) -> int:
+        return int(self.option.max()) + 1
+
+    def to(self, device) -> ChoiceBatch:
+        return ChoiceBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class LMBatch:
+    """Token-level batch: (B, L) ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` = not scored)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device) -> LMBatch:
+        return LMBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def _device(model) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def row_scores(model, batch: ChoiceBatch) -> torch.Tensor:
+    """(R,) differentiable score of every row: ``row_weight * sum of the continuation's log-probabilities``.
+
+    Log-softmax runs in at least float32 whatever the model dtype.
+    """
+    batch = batch.to(_device(model))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = logits[:, -batch.input_ids.shape[1] :]  # prompt learning prepends virtual tokens
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    scored = batch.targets != IGNORE
+    token_lp = logp.gather(-1, batch.targets.clamp_min(0)[..., None]).squeeze(-1) * scored
+    return token_lp.sum(-1) * batch.row_weight.to(token_lp.dtype)
+
+
+def choice_scores(model, batch: ChoiceBatch) -> torch.Tensor:
+    """(B, K) option scores (the categorical's logits), ``-inf`` where an example has fewer than K options."""
+    rows = row_scores(model, batch)
+    return scores_matrix(rows, batch)
+
+
+def scores_matrix(rows: torch.Tensor, batch: ChoiceBatch) -> torch.Tensor:
+    """(B, K) from (R,) row scores, ``-inf`` padded."""
+    out = rows.new_full((batch.n_examples, batch.n_options), float("-inf"))
+    return out.index_put((batch.example.to(rows.device), batch.option.to(rows.device)), rows)
+
+
+def choice_nll(model, batch: ChoiceBatch) -> torch.Tensor:
+    """Summed negative log-likelihood of the gold options of ``batch`` (examples with label -1 are skipped)."""
+    scores = choice_scores(model, batch)
+    labels = batch.labels.to(scores.device)
+    known = labels >= 0
+    return -scores[known].log_softmax(-1).gather(1, labels[known][:, None]).sum()
+
+
+def lm_logits(model, batch: LMBatch) -> torch.Tensor:
+    """(B, L, V) logits aligned with ``batch.input_ids`` (virtual tokens of prompt learning dropped)."""
+    batch = batch.to(_device(model))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[:, -batch.input_ids.shape[1] :]
+
+
+def lm_nll(model, batch: LMBatch) -> torch.Tensor:
+    """Summed negative log-likelihood of the next-token labels (``labels[t]`` is predicted at ``t - 1``)."""
+    logits = lm_logits(model, batch)[:, :-1]
+    labels = batch.labels.to(logits.device)[:, 1:]
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    scored = labels != IGNORE
+    return -(logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * scored).sum()
