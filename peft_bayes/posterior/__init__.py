@@ -7,12 +7,14 @@ from __future__ import annotations
 from peft_bayes.errors import InputError
 from peft_bayes.posterior.base import OptionScorer, Posterior, posterior_folder, read_saved, sample_seed
 from peft_bayes.posterior.bayeslora import BayesLoraPosterior
+from peft_bayes.posterior.laplace import Laplace, LaplaceOptions
 from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch
 from peft_bayes.posterior.point import PointEstimate
 
 POSTERIORS: dict[str, type[Posterior]] = {
     PointEstimate.name: PointEstimate,
     BayesLoraPosterior.name: BayesLoraPosterior,
+    Laplace.name: Laplace,
 }
 
 
@@ -47,6 +49,8 @@ __all__ = [
     "BayesLoraPosterior",
     "ChoiceBatch",
     "LMBatch",
+    "Laplace",
+    "LaplaceOptions",
     "OptionScorer",
     "PointEstimate",
     "Posterior",

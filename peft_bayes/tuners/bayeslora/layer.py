@@ -139,6 +139,10 @@ class BayesLoraVariant(LoraVariant):
         lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         x = module.lora_dropout[active_adapter](x.to(lora_a.weight.dtype))
         std, eps = module.draw_mode(active_adapter)
+        if std is None:
+            # The posterior mean is a plain LoRA: PEFT's own module calls, so module hooks (a Laplace posterior's
+            # curvature over the means) see lora_A and lora_B as in LoRA.
+            return result + (lora_b(lora_a(x)) * module.scaling[active_adapter]).to(result.dtype)
         spec = module.bayeslora_spec[active_adapter]
         return add_sampled_lora(
             result,

@@ -1,0 +1,137 @@
+"""Curvature of a likelihood over the adapter sites: the backward vectors of each Fisher flavour and the
+accumulation of K-FAC factors, diagonals or a dense matrix from the recorded activations and output gradients.
+
+For outputs f with loss ``-log p(y | f)`` the curvature ``Σ_n J_nᵀ M_n J_n`` is a sum of outer products of
+gradients ``J_nᵀ v`` for vectors v with ``Σ v vᵀ = M``:
+
+- ``empirical``: one vector per example, ``∇_f (-log p(y | f)) = p - onehot(y)`` with the gold y;
+- ``mc``: the same with y sampled from the model (``fisher_samples`` draws, weighted 1/S): an unbiased estimate of
+  the GGN;
+- ``exact`` (``choice`` only): the K columns ``√p_c (e_c - p)`` of a square root of ``diag(p) - p pᵀ``, the GGN of
+  the categorical exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peft_bayes.posterior.curvature import (
+    Recorder,
+    Site,
+    input_factor,
+    output_factor,
+    per_unit_gradients,
+    rows_tokens,
+)
+from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_scores, lm_logits
+from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+
+
+def _gold(labels: torch.Tensor, what: str) -> torch.Tensor:
+    if (labels < 0).any():
+        from peft_bayes.errors import InputError
+
+        raise InputError(f"the {what} likelihood needs the gold answer of every fit example")
+    return labels
+
+
+def _vectors(p: torch.Tensor, gold: torch.Tensor, fisher: str, samples: int, generator) -> list[tuple]:
+    """(weight, vector) pairs over the last dimension of ``p`` (probabilities, 0 where a class does not exist)."""
+    classes = p.shape[-1]
+    if fisher == "empirical":
+        return [(1.0, p - torch.nn.functional.one_hot(gold, classes).to(p.dtype))]
+    if fisher == "mc":
+        out = []
+        for _ in range(samples):
+            flat = p.reshape(-1, classes).detach().cpu().to(torch.float64)
+            drawn = torch.multinomial(flat.clamp_min(0) + (flat.sum(-1, keepdim=True) == 0), 1, generator=generator)
+            y = drawn.reshape(p.shape[:-1]).to(p.device)
+            out.append((1.0 / samples, p - torch.nn.functional.one_hot(y, classes).to(p.dtype)))
+        return out
+    root = p.sqrt()
+    eye = torch.eye(classes, dtype=p.dtype, device=p.device)
+    return [(1.0, root[..., c : c + 1] * (eye[c] - p)) for c in range(classes)]
+
+
+def backward_vectors(model, batch: ChoiceBatch | LMBatch, opts, generator):
+    """Runs the forward pass of ``batch`` (sites recording) and returns
+    ``(outputs, mask (R, T), unit (R,), n_units, nll, [(weight, vector)])``."""
+    if isinstance(batch, ChoiceBatch):
+        f = choice_scores(model, batch)  # (B, K), -inf where an example has fewer options
+        logp = f.log_softmax(-1)
+        p = logp.detach().exp()
+        gold = batch.labels.to(f.device)
+        known = gold >= 0
+        nll = -logp[known].gather(1, gold[known][:, None]).sum().detach()
+        if opts.fisher == "empirical":
+            _gold(batch.labels, "empirical Fisher of the choice")
+        vectors = _vectors(p, gold.clamp_min(0), opts.fisher, opts.fisher_samples, generator)
+        return f, batch.attention_mask, batch.example, batch.n_examples, nll, vectors
+    logits = lm_logits(model, batch)[:, :-1]  # position t predicts labels[t + 1]
+    labels = batch.labels.to(logits.device)[:, 1:]
+    scored = labels != IGNORE
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    p = logp.detach().exp() * scored[..., None]
+    nll = -(logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * scored).sum().detach()
+    drawn = _vectors(p, labels.clamp_min(0), opts.fisher, opts.fisher_samples, generator)
+    vectors = [(w, v * scored[..., None]) for w, v in drawn]
+    rows = torch.arange(batch.n_examples)
+    return logits, batch.attention_mask, rows, batch.n_examples, nll, vectors
+
+
+class CurvatureAccumulator:
+    """Sums of the curvature statistics of every site over the fit data, in ``dtype``."""
+
+    def __init__(self, sites: list[Site], structure: str, reduce: bool, dtype: torch.dtype) -> None:
+        self.sites, self.structure, self.reduce, self.dtype = sites, structure, reduce, dtype
+        device = sites[0].weight.device
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        if structure == "kron":
+            self.A = [zeros(s.shape[1], s.shape[1]) for s in sites]
+            self.G = [zeros(s.shape[0], s.shape[0]) for s in sites]
+            self.count = 0.0  # tokens (expand) or units (reduce): A is an average over them
+        elif structure == "diag":
+            self.D = [zeros(*s.shape) for s in sites]
+        else:
+            n = sum(s.weight.numel() for s in sites)
+            self.H = zeros(n, n)
+
+    def forward(self, rec: Recorder, mask: torch.Tensor, unit: torch.Tensor, n_units: int) -> None:
+        """After a forward pass: the input factors (K-FAC)."""
+        rec.check_recorded()
+        if self.structure != "kron":
+            return
+        rows = mask.shape[0]
+        mask = mask.to(self.A[0].device)
+        for i, a in enumerate(rec.inputs):
+            factor, count = input_factor(rows_tokens(a, rows), mask, unit, n_units, self.reduce, self.dtype)
+            self.A[i] += factor
+        self.count += count
+
+    def backward(self, rec: Recorder, outputs, vector, weight: float, mask, unit, n_units: int) -> None:
+        """One backward vector: the output factors (K-FAC) or the per-example gradients (diag, full)."""
+        grads = rec.output_grads(outputs, vector)
+        rows = mask.shape[0]
+        mask = mask.to(grads[0].device)
+        if self.structure == "kron":
+            for i, g in enumerate(grads):
+                self.G[i] += weight * output_factor(rows_tokens(g, rows), unit, n_units, self.reduce, self.dtype)
+            return
+        per_unit = [
+            per_unit_gradients(rows_tokens(a, rows), rows_tokens(g, rows), mask, unit, n_units, self.dtype)
+            for a, g in zip(rec.inputs, grads)
+        ]
+        if self.structure == "diag":
+            for i, j in enumerate(per_unit):
+                self.D[i] += weight * j.pow(2).sum(0)
+        else:
+            flat = torch.cat([j.flatten(1) for j in per_unit], 1)  # (units, P)
+            self.H += weight * flat.T @ flat
+
+    def blocks(self) -> list[CurvatureBlock]:
+        if self.structure == "kron":
+            count = max(self.count, 1.0)
+            return [KronBlock(G, A / count) for G, A in zip(self.G, self.A)]
+        if self.structure == "diag":
+            return [DiagBlock(d) for d in self.D]
+        return [DenseBlock(self.H)]

@@ -1,0 +1,368 @@
+"""Post-hoc Laplace over the weight matrices of any adapter (Laplace-LoRA, Yang et al. 2024; Laplace-Adapters).
+
+A Gaussian ``N(θ*, P⁻¹)`` around the trained adapter weights θ*, with precision ``P = H + δ I``: H the curvature of
+the log-likelihood on the fit data (``structure``: K-FAC ``kron``, ``diag`` or dense ``full``), δ the prior
+precision (one scalar or one per weight), tuned by the log marginal likelihood (closed form through the blocks'
+eigenvalues) or by the NLL on validation data. Predictions go through the linearised model (``glm``: the option
+scores' mean and covariance ``J P⁻¹ Jᵀ``, with a probit or Monte-Carlo link) or through weight samples (``nn``,
+also used for generation). The likelihood is ``choice`` (a categorical over each example's options, scored exactly
+as evaluation scores them) or ``lm`` (the response tokens).
+
+Parameters that are not weight matrices (biases, DoRA's magnitudes, learned scales) stay at their trained values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+
+from peft_bayes.errors import InputError
+from peft_bayes.posterior.base import OptionScorer, Posterior
+from peft_bayes.posterior.curvature import SUBSETS, Recorder, Site, adapter_sites, per_unit_gradients, stats_dtype
+from peft_bayes.posterior.fisher import CurvatureAccumulator, backward_vectors
+from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, choice_scores
+from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+
+STRUCTURES = ("kron", "diag", "full")
+LIKELIHOODS = ("choice", "lm")
+FISHERS = ("empirical", "mc", "exact")
+KFAC_MODES = ("expand", "reduce")
+PRIOR_METHODS = ("marglik", "val", "fixed")
+LINKS = ("probit", "mc")
+PREDICTIVES = ("glm", "nn")
+BLOCK_TYPES: dict[str, type[CurvatureBlock]] = {"kron": KronBlock, "diag": DiagBlock, "full": DenseBlock}
+PRIOR_GRID = tuple(10.0 ** (k / 4) for k in range(-12, 25))  # 1e-3 ... 1e6, four per decade
+
+Progress = Callable[[int, int], None]
+
+
+def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise InputError(f"--{flag} must be one of {'/'.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class LaplaceOptions:
+    """Settings of a Laplace posterior (each a ``--laplace_*`` / ``--prior_*`` / ``--link`` flag of the scripts)."""
+
+    subset: str = "all"
+    structure: str = "kron"
+    likelihood: str = "choice"
+    fisher: str = "mc"
+    kfac: str = "expand"
+    fisher_samples: int = 1  # label samples per example of the mc Fisher
+    prior_precision: float = 1.0  # the start of the marglik search, or the value with prior_method fixed
+    prior_method: str = "marglik"
+    prior_per_layer: bool = False
+    predictive: str = "glm"
+    link: str = "probit"
+    seed: int = 0  # label sampling of the mc Fisher
+
+    def __post_init__(self) -> None:
+        for flag, value, allowed in (
+            ("laplace_subset", self.subset, SUBSETS),
+            ("laplace_structure", self.structure, STRUCTURES),
+            ("laplace_likelihood", self.likelihood, LIKELIHOODS),
+            ("laplace_fisher", self.fisher, FISHERS),
+            ("laplace_kfac", self.kfac, KFAC_MODES),
+            ("prior_method", self.prior_method, PRIOR_METHODS),
+            ("laplace_predictive", self.predictive, PREDICTIVES),
+            ("link", self.link, LINKS),
+        ):
+            _choice(flag, value, allowed)
+        if not (self.prior_precision > 0 and math.isfinite(self.prior_precision)):
+            raise InputError(f"--prior_precision must be a positive number, got {self.prior_precision}")
+        if self.fisher_samples < 1:
+            raise InputError(f"--laplace_fisher_samples must be positive, got {self.fisher_samples}")
+        if self.fisher == "exact" and self.likelihood != "choice":
+            raise InputError("--laplace_fisher exact needs --laplace_likelihood choice (every option is a class)")
+        if self.prior_per_layer and self.structure == "full":
+            raise InputError("--prior_per_layer needs --laplace_structure kron or diag (full is one block)")
+        if self.prior_per_layer and self.prior_method == "val":
+            raise InputError("--prior_per_layer is tuned by --prior_method marglik (val searches one scalar)")
+
+
+def weights_fingerprint(sites: Sequence[Site]) -> str:
+    """sha256 of the site weights (float32 bytes, module order): which adapter weights a posterior belongs to."""
+    digest = hashlib.sha256()
+    for site in sites:
+        digest.update(site.name.encode())
+        digest.update(site.weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Laplace(Posterior):
+    """Laplace posterior over the adapter weight matrices of a ``PeftModel`` (see the module docstring)."""
+
+    name: ClassVar[str] = "laplace"
+
+    def __init__(self, model, options: LaplaceOptions | None = None, **kwargs) -> None:
+        super().__init__(model)
+        self.options = options if options is not None else LaplaceOptions(**kwargs)
+        self.sites = adapter_sites(model, self.options.subset)
+        self.blocks: list[CurvatureBlock] | None = None
+        self.prior_precision = torch.full((self.n_priors,), float(self.options.prior_precision), dtype=torch.float64)
+        self.n_data = 0
+        self.loglik = 0.0
+        self.fingerprint: str | None = None
+
+    # --- sizes ---------------------------------------------------------------------------------------------------
+    @property
+    def n_blocks(self) -> int:
+        return 1 if self.options.structure == "full" else len(self.sites)
+
+    @property
+    def n_priors(self) -> int:
+        return self.n_blocks if self.options.prior_per_layer else 1
+
+    @property
+    def n_params(self) -> int:
+        return sum(s.weight.numel() for s in self.sites)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.blocks is not None
+
+    def _require_fit(self) -> list[CurvatureBlock]:
+        if self.blocks is None:
+            raise InputError("the Laplace posterior is not fitted: fit it on data first (--fit_data_path)")
+        return self.blocks
+
+    def _deltas(self, prior: torch.Tensor | None = None) -> list[torch.Tensor]:
+        prior = self.prior_precision if prior is None else prior
+        return [prior[b if self.options.prior_per_layer else 0] for b in range(self.n_blocks)]
+
+    def _block_means(self) -> list[torch.Tensor]:
+        flat = [s.weight.detach().to(torch.float64).cpu().flatten() for s in self.sites]
+        return [torch.cat(flat)] if self.options.structure == "full" else flat
+
+    # --- fitting ------------------------------------------------------------------------------------------------
+    def fit(self, data: Iterable[ChoiceBatch | LMBatch], progress: Progress | None = None) -> None:
+        """Accumulates the curvature over ``data`` (batches of the ``likelihood``'s kind) in eval mode, then tunes
+        the prior precision by the marginal likelihood unless ``prior_method`` is ``fixed`` or ``val``."""
+        data = list(data)
+        total = sum(b.n_examples for b in data)
+        opts = self.options
+        acc = CurvatureAccumulator(self.sites, opts.structure, opts.kfac == "reduce", stats_dtype(self.sites))
+        generator = torch.Generator().manual_seed(opts.seed)
+        was_training = self.model.training
+        self.model.eval()
+        loglik, seen = 0.0, 0
+        try:
+            with Recorder(self.sites) as rec:
+                for batch in data:
+                    outputs, mask, unit, n_units, nll, vectors = backward_vectors(self.model, batch, opts, generator)
+                    acc.forward(rec, mask, unit, n_units)
+                    for weight, vector in vectors:
+                        acc.backward(rec, outputs, vector, weight, mask, unit, n_units)
+                    loglik -= float(nll)
+                    seen += batch.n_examples
+                    if progress:
+                        progress(seen, total)
+        finally:
+            self.model.train(was_training)
+        if not math.isfinite(loglik):
+            raise InputError(f"the log-likelihood of the fit data is not finite ({loglik}): check the adapter")
+        self.blocks = [b.eigendecompose() for b in acc.blocks()]
+        self.n_data, self.loglik, self.fingerprint = seen, loglik, weights_fingerprint(self.sites)
+        if opts.prior_method == "marglik":
+            self.optimize_prior_precision()
+
+    def log_marginal_likelihood(self, prior_precision: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(D) ≈ log p(D | θ*) - ½ (log det P - log det δI) - ½ θ*ᵀ δ θ* (prior mean 0), differentiable in
+        ``prior_precision`` ((1,) or one per block)."""
+        blocks = self._require_fit()
+        deltas = self._deltas(prior_precision)
+        logdet_ratio = sum(b.logdet(d) - b.numel * torch.log(d) for b, d in zip(blocks, deltas))
+        scatter = sum(d * m.pow(2).sum() for d, m in zip(deltas, self._block_means()))
+        return self.loglik - 0.5 * logdet_ratio - 0.5 * scatter
+
+    def optimize_prior_precision(self, steps: int = 300, lr: float = 0.1) -> torch.Tensor:
+        """Maximises the log marginal likelihood over log δ (Adam, as laplace-torch does); returns δ."""
+        log_prior = self.prior_precision.log().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([log_prior], lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = -self.log_marginal_likelihood(log_prior.exp())
+            loss.backward()
+            optimizer.step()
+        self.prior_precision = log_prior.detach().exp()
+        return self.prior_precision
+
+    def tune_prior_on_validation(self, data: Iterable[ChoiceBatch], grid: Sequence[float] = PRIOR_GRID) -> float:
+        """Picks the scalar δ of ``grid`` with the lowest NLL of the GLM predictive on ``data`` (laplace-lora's
+        validation mode); the Jacobians are computed once for the whole grid."""
+        self._require_fit()
+        deltas = [torch.full((1,), float(d), dtype=torch.float64) for d in grid]
+        nll = torch.zeros(len(grid), dtype=torch.float64)
+        for batch in data:
+            f, covs = self.glm_moments(batch, deltas)
+            labels = batch.labels.to(f.device)
+            if (labels < 0).any():
+                raise InputError("--prior_method val needs the gold answer of every validation example")
+            for g, cov in enumerate(covs):
+                probs = glm_probabilities(f, cov, "probit")
+                nll[g] -= probs.gather(1, labels[:, None]).clamp_min(1e-300).log().sum()
+        best = int(nll.argmin())
+        self.prior_precision = deltas[best].clone()
+        return float(grid[best])
+
+    # --- predictive ---------------------------------------------------------------------------------------------
+    def glm_moments(self, batch: ChoiceBatch, priors: Sequence[torch.Tensor] | None = None):
+        """(f (B, K) option scores at θ*, [Σ_f (B, K, K) per prior]) of the linearised model; ``priors``: prior
+        precisions to evaluate (default: the fitted one)."""
+        blocks = self._require_fit()
+        priors = [self.prior_precision] if priors is None else priors
+        dtype = stats_dtype(self.sites)
+        with Recorder(self.sites) as rec, torch.enable_grad():
+            f = choice_scores(self.model, batch)
+            B, K = f.shape
+            unit, mask = batch.example.to(f.device), batch.attention_mask.to(f.device)
+            jac = [[] for _ in self.sites]  # per site: K tensors (B, out, in)
+            for k in range(K):
+                vector = torch.zeros_like(f)
+                vector[:, k] = 1.0
+                grads = rec.output_grads(f, vector)
+                for i, (a, g) in enumerate(zip(rec.inputs, grads)):
+                    R = batch.input_ids.shape[0]
+                    a2, g2 = a.reshape(R, -1, a.shape[-1]), g.reshape(R, -1, g.shape[-1])
+                    jac[i].append(per_unit_gradients(a2, g2, mask, unit, B, dtype))
+        jacs = [torch.stack(j, 1) for j in jac]  # (B, K, out, in)
+        if self.options.structure == "full":
+            jacs = [torch.cat([j.flatten(2) for j in jacs], -1)]  # (B, K, P)
+        covs = []
+        for prior in priors:
+            deltas = self._deltas(prior)
+            cov = sum(
+                blk.inv_quad(j.to(blk.dtype).to(blk.device), d.to(blk.dtype)).cpu()
+                for blk, j, d in zip(blocks, jacs, deltas)
+            )
+            covs.append(cov.to(torch.float64))
+        return f.detach().to(torch.float64).cpu(), covs
+
+    def resolve_samples(self, requested: int | None) -> int:
+        """Auto: 0 with the probit link (closed form), 100 draws of the scores with the mc link, 10 weight samples
+        with the nn predictive."""
+        if requested is not None:
+            return requested
+        if self.options.predictive == "nn":
+            return 10
+        return 0 if self.options.link == "probit" else 100
+
+    def option_probs(self, scorer: OptionScorer, samples: int, seed: int, progress: Progress | None = None):
+        if self.options.predictive == "nn":
+            return super().option_probs(scorer, samples, seed, progress)
+        out: list[torch.Tensor | None] = [None] * scorer.n_examples
+        generator = torch.Generator().manual_seed(seed)
+        done = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in scorer.batches():
+                f, (cov,) = self.glm_moments(batch)
+                probs = glm_probabilities(f, cov, self.options.link, max(samples, 1), generator)
+                for row, index in enumerate(batch.index.tolist()):
+                    valid = torch.isfinite(f[row])
+                    out[index] = probs[row][valid]
+                done += batch.n_examples
+                if progress:
+                    progress(done, scorer.n_examples)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def sample(self, seed: int):
+        """Context with one weight sample θ* + ε, ε ~ N(0, P⁻¹) drawn from ``seed``; the weights are restored."""
+        return _perturbed(self, seed)
+
+    def draw(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """One ε per site (its weight's shape) from N(0, P⁻¹)."""
+        blocks = self._require_fit()
+        draws = [b.sample(d.to(b.dtype), generator=generator) for b, d in zip(blocks, self._deltas())]
+        if self.options.structure == "full":
+            draws = list(draws[0].split([s.weight.numel() for s in self.sites]))
+        return [d.reshape(s.shape) for d, s in zip(draws, self.sites)]
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {
+            "options": asdict(self.options),
+            "sites": [[s.name, list(s.shape)] for s in self.sites],
+            "n_data": self.n_data,
+            "loglik": self.loglik,
+            "fingerprint": self.fingerprint,
+            "prior_precision": self.prior_precision.tolist(),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"prior_precision": self.prior_precision}
+        for b, block in enumerate(self._require_fit()):
+            state.update({f"block{b}.{k}": v for k, v in block.state_dict().items()})
+        return state
+
+    @classmethod
+    def from_config(cls, model, config: dict) -> Laplace:
+        try:
+            options = LaplaceOptions(**config["options"])
+        except (KeyError, TypeError) as err:
+            raise InputError(f"saved Laplace posterior: unreadable options ({err})") from None
+        return cls(model, options)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], config: dict) -> None:
+        saved = [(n, tuple(s)) for n, s in config.get("sites", [])]
+        if saved != [(s.name, s.shape) for s in self.sites]:
+            raise InputError("the saved Laplace posterior covers other adapter weights (sites differ): refit it")
+        if config.get("fingerprint") != weights_fingerprint(self.sites):
+            raise InputError(
+                "the saved Laplace posterior was fitted on other adapter weights (fingerprint differs): refit it "
+                "with --fit_data_path"
+            )
+        block_type = BLOCK_TYPES[self.options.structure]
+        device = self.sites[0].weight.device
+        self.blocks = []
+        for b in range(self.n_blocks):
+            part = {k.split(".", 1)[1]: v.to(device) for k, v in state.items() if k.startswith(f"block{b}.")}
+            self.blocks.append(block_type.from_state_dict(part).eigendecompose())
+        self.prior_precision = state["prior_precision"].to(torch.float64)
+        self.n_data, self.loglik, self.fingerprint = config["n_data"], config["loglik"], config["fingerprint"]
+
+
+@contextlib.contextmanager
+def _perturbed(laplace: Laplace, seed: int):
+    sites = laplace.sites
+    eps = laplace.draw(torch.Generator().manual_seed(seed))
+    saved = [s.weight.detach().clone() for s in sites]
+    with torch.no_grad():
+        for site, e in zip(sites, eps):
+            site.weight.add_(e.to(device=site.weight.device, dtype=site.weight.dtype))
+    try:
+        yield laplace.model
+    finally:
+        with torch.no_grad():
+            for site, w in zip(sites, saved):
+                site.weight.copy_(w)
+
+
+def glm_probabilities(
+    f: torch.Tensor, cov: torch.Tensor, link: str, samples: int = 100, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, K) predictive probabilities of option scores ``f`` (B, K; ``-inf`` = no option) with covariance ``cov``
+    (B, K, K): the probit approximation softmax(f / sqrt(1 + π/8 σ²)), or the average softmax of ``samples`` draws
+    f + L z."""
+    valid = torch.isfinite(f)
+    f0 = torch.where(valid, f, torch.zeros_like(f))
+    if link == "probit":
+        var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0)
+        scaled = f0 / torch.sqrt(1 + math.pi / 8 * var)
+        return scaled.masked_fill(~valid, float("-inf")).softmax(-1)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    root = eigvecs * eigvals.clamp_min(0).sqrt()[..., None, :]  # (B, K, K), root rootᵀ = cov
+    z = torch.randn((samples, *f.shape), generator=generator, dtype=f.dtype)
+    draws = f0 + torch.einsum("bkj,sbj->sbk", root, z)
+    return draws.masked_fill(~valid, float("-inf")).softmax(-1).mean(0)
