@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from peft_bayes.cli import adapters
 from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
+from peft_bayes.cli.posterior_flags import add_posterior_flags, check_posterior_flags, resolve_posterior
 from peft_bayes.data.answers import TaskSpec
 from peft_bayes.data.choices import CHOICE_FORMATS
 from peft_bayes.errors import InputError
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--ood_dataset", default=None, help="multiple-choice OOD test set (resolved via --data_dir)")
     b.add_argument("--ood_data_path", default=None, help="OOD test file (overrides --data_dir for the OOD set)")
+    add_posterior_flags(p, training=False)
     return p
 
 
@@ -221,6 +223,7 @@ def check_args(args) -> None:
         raise InputError(f"--limit must be a positive number of examples, got {args.limit}")
     if args.samples is not None and args.samples < 0:
         raise InputError(f"--samples must be 0 (deterministic) or a positive number of samples, got {args.samples}")
+    check_posterior_flags(args)
 
 
 def _saved_peft_type(adapter: str | None) -> str | None:
@@ -245,7 +248,7 @@ def _progress(args, name: str):
 def _choice_probs(model, tokenizer, data: EvalSet, args, samples: int, label: str) -> list:
     return predictive.averaged_pair_probs(
         model, tokenizer, data.pairs, args.batch_size, samples, args.seed, _progress(args, label),
-        args.choice_scoring, args.choice_norm,
+        args.choice_scoring, args.choice_norm, args.posterior_object, data.golds,
     )  # fmt: skip
 
 
@@ -265,7 +268,7 @@ def evaluate_generation(model, tokenizer, data: EvalSet, args, samples: int, pro
     """Greedy generation per posterior sample and a majority vote: (rows, metrics)."""
     gen = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     passes = predictive.sampled_generations(
-        model, tokenizer, data.prompts, samples, args.seed, gen, _progress(args, data.name)
+        model, tokenizer, data.prompts, samples, args.seed, gen, _progress(args, data.name), args.posterior_object
     )
     responses = [[prompter.get_response(g) for g in gens] for gens in passes]
     rows = votes.vote_rows(data.records, data.prompts, responses, data.task)
@@ -300,10 +303,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"--ood_dataset needs multiple-choice test sets (option scoring); {data.name} is a "
                 f"{data.task.kind!r} task and {ood.name} a {ood.task.kind!r} task"
             )
-    if args.samples and _saved_peft_type(args.adapter) != "BAYESLORA":  # fail before loading the model
+    stochastic = args.posterior == "laplace" or (
+        args.posterior in ("auto", "bayeslora") and _saved_peft_type(args.adapter) == "BAYESLORA"
+    )
+    if args.samples and not stochastic:  # fail before loading the model
         predictive.resolve_samples(args.samples, None)
     model, tokenizer = load_eval_model(args)
-    samples = predictive.resolve_samples(args.samples, model)
+    args.posterior_object = resolve_posterior(args, model, tokenizer, prompter, data.task.kind == "choice")
+    samples = predictive.resolve_samples(args.samples, model, args.posterior_object)
     t0 = time.perf_counter()
     probs, ood_rows = None, None
     if data.task.kind == "choice":
@@ -347,11 +354,22 @@ def _summary(args, data: EvalSet, rows: list[dict], wall: float, samples: int, m
         "accuracy_unit": "fraction",
         "samples": samples,
         "seed": args.seed,
+        **_posterior_summary(args.posterior_object),
         **metrics,
         "wall_time_s": round(wall, 3),
         "examples_per_s": round(n_examples / wall, 3),
         "batch_size": args.batch_size,
     }
+
+
+def _posterior_summary(posterior) -> dict:
+    out = {"posterior": posterior.name}
+    if posterior.name == "laplace":
+        out["laplace"] = {**posterior.config()["options"], "n_fit": posterior.n_data}
+        out["laplace"]["prior_precision"] = posterior.prior_precision.tolist()
+        if hasattr(posterior, "fit_seconds"):
+            out["laplace"]["fit_seconds"] = round(posterior.fit_seconds, 3)
+    return out
 
 
 def print_summary(s: dict) -> None:
@@ -360,7 +378,7 @@ def print_summary(s: dict) -> None:
     def num(value, digits=3):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    cols = {"dataset": s["dataset"], "n": s["n"], "samples": s["samples"]}
+    cols = {"dataset": s["dataset"], "n": s["n"], "posterior": s.get("posterior", "map"), "samples": s["samples"]}
     cols["ACC (%)"] = f"{s['accuracy_percent']:.2f}"
     cols["ECE (%)"] = f"{s['ece_percent']:.2f}"
     if s["scoring"] == "option-likelihood":

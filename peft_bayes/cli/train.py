@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl_weight", type=float, default=1.0, help="factor on KL / N_train in the loss")
     g.add_argument("--kl_anneal_steps", type=int, default=None, help="linear schedule: warm-up steps (default: all)")
     g.add_argument("--bayesian_factor", default="A", choices=["A", "B"], help="the LoRA factor with a posterior")
+    _add_posterior_flags(p)
     return p
+
+
+def _add_posterior_flags(p) -> None:
+    from peft_bayes.cli.posterior_flags import add_posterior_flags
+
+    add_posterior_flags(p, training=True)
 
 
 def check_args(args: argparse.Namespace, world: int) -> int:
@@ -151,6 +158,9 @@ def check_args(args: argparse.Namespace, world: int) -> int:
             f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} = {steps} "
             f"micro-batches is not divisible by the {world} processes"
         )
+    from peft_bayes.cli.posterior_flags import check_posterior_flags
+
+    check_posterior_flags(args)
     if args.cutoff_len < 8:
         raise InputError(f"--cutoff_len must be at least 8, got {args.cutoff_len}")
     if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
@@ -381,8 +391,20 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
+        if args.posterior == "laplace":
+            _fit_posterior(args, model, tokenizer, prompter)
     _close_process_group()
     return 0
+
+
+def _fit_posterior(args, model, tokenizer, prompter) -> None:
+    """``--posterior laplace``: fits it on the training data (``--fit_limit``) and saves it next to the adapter."""
+    from peft_bayes.cli.posterior_flags import fit_laplace, is_choice_data
+    from peft_bayes.posterior.base import posterior_folder
+
+    folder = posterior_folder(args.output_dir, "laplace")
+    choice = is_choice_data(args.data_path)
+    fit_laplace(model, tokenizer, prompter, args, args.data_path, folder, choice, args.micro_batch_size)
 
 
 def _close_process_group() -> None:

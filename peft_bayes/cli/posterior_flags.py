@@ -1,0 +1,226 @@
+"""The ``--posterior`` flags of train.py and evaluate.py, and the fit data of a posterior that needs one.
+
+``--posterior laplace`` fits a Laplace posterior on data (``--fit_data_path``, or right after training the
+training data) and saves it next to the adapter (``<adapter>/posterior/laplace``); later evaluations reuse the saved
+one. Fit settings (``--laplace_*``, ``--prior_*``) only apply when fitting; ``--link`` / ``--laplace_predictive``
+also apply to a saved posterior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import fields
+
+from peft_bayes.cli.common import str2bool
+from peft_bayes.errors import InputError
+
+POSTERIOR_CHOICES = ("auto", "map", "bayeslora", "laplace")
+# flag -> LaplaceOptions field; the fit settings first, then the two that a saved posterior also takes.
+FIT_FLAGS = {
+    "laplace_subset": "subset",
+    "laplace_structure": "structure",
+    "laplace_likelihood": "likelihood",
+    "laplace_fisher": "fisher",
+    "laplace_fisher_samples": "fisher_samples",
+    "laplace_kfac": "kfac",
+    "prior_method": "prior_method",
+    "prior_precision": "prior_precision",
+    "prior_per_layer": "prior_per_layer",
+}
+EVAL_FLAGS = {"laplace_predictive": "predictive", "link": "link"}
+
+
+def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
+    """Adds the posterior flag group (defaults None: a flag that was not given is distinguishable)."""
+    from peft_bayes.posterior.curvature import SUBSETS
+    from peft_bayes.posterior.laplace import (
+        FISHERS,
+        KFAC_MODES,
+        LIKELIHOODS,
+        LINKS,
+        PREDICTIVES,
+        PRIOR_METHODS,
+        STRUCTURES,
+    )
+
+    g = p.add_argument_group("posterior over the adapter weights (Laplace)")
+    choices = ("none", "laplace") if training else POSTERIOR_CHOICES
+    g.add_argument(
+        "--posterior",
+        default="none" if training else "auto",
+        choices=choices,
+        help="laplace: fit a post-hoc Laplace posterior and save it next to the adapter"
+        + ("" if training else "; auto: the adapter's own (bayeslora) or none (map)"),
+    )
+    if not training:
+        g.add_argument("--fit_data_path", default=None, help="data to fit the posterior on (e.g. a train.json)")
+    g.add_argument("--fit_limit", type=int, default=None, help="fit on the first N examples only")
+    g.add_argument("--val_data_path", default=None, help="validation data of --prior_method val")
+    g.add_argument(
+        "--laplace_subset", default=None, choices=SUBSETS, help="all adapters, or the last adapted module's"
+    )
+    g.add_argument("--laplace_structure", default=None, choices=STRUCTURES, help="curvature structure (default kron)")
+    g.add_argument(
+        "--laplace_likelihood", default=None, choices=LIKELIHOODS, help="choice (options) or lm (response tokens); "
+        "default: choice for multiple-choice data, else lm",
+    )  # fmt: skip
+    g.add_argument("--laplace_fisher", default=None, choices=FISHERS, help="default mc")
+    g.add_argument("--laplace_fisher_samples", type=int, default=None, help="label samples of the mc Fisher (1)")
+    g.add_argument("--laplace_kfac", default=None, choices=KFAC_MODES, help="K-FAC over tokens (default expand)")
+    g.add_argument("--prior_method", default=None, choices=PRIOR_METHODS, help="prior precision tuning (marglik)")
+    g.add_argument("--prior_precision", type=float, default=None, help="fixed / initial prior precision (1.0)")
+    g.add_argument("--prior_per_layer", type=str2bool, nargs="?", const=True, default=None, help="one per weight")
+    g.add_argument("--laplace_predictive", default=None, choices=PREDICTIVES, help="glm (default) or nn samples")
+    g.add_argument("--link", default=None, choices=LINKS, help="GLM link: probit (default, closed form) or mc")
+
+
+def check_posterior_flags(args) -> None:
+    """One-line errors for posterior flags that do not apply."""
+    given = [f for f in (*FIT_FLAGS, *EVAL_FLAGS, "val_data_path", "fit_limit") if getattr(args, f, None) is not None]
+    fit_path = getattr(args, "fit_data_path", None)
+    if args.posterior != "laplace":
+        stray = given + (["fit_data_path"] if fit_path else [])
+        if stray:
+            raise InputError(f"--{stray[0]} applies to --posterior laplace only (got --posterior {args.posterior})")
+        return
+    if fit_path is None and hasattr(args, "fit_data_path"):  # evaluate.py reusing a saved posterior
+        fit_only = [f for f in (*FIT_FLAGS, "val_data_path", "fit_limit") if getattr(args, f, None) is not None]
+        if fit_only:
+            raise InputError(f"--{fit_only[0]} is a fit setting: give --fit_data_path to fit the posterior again")
+    if args.prior_method == "val" and not args.val_data_path:
+        raise InputError("--prior_method val needs --val_data_path (validation examples with gold answers)")
+    if args.fit_limit is not None and args.fit_limit <= 0:
+        raise InputError(f"--fit_limit must be a positive number of examples, got {args.fit_limit}")
+
+
+def laplace_options(args, choice_data: bool):
+    """LaplaceOptions from the flags (the dataclass defaults where a flag was not given)."""
+    from peft_bayes.posterior import LaplaceOptions
+
+    values = {name: getattr(args, flag) for flag, name in {**FIT_FLAGS, **EVAL_FLAGS}.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    values.setdefault("likelihood", "choice" if choice_data else "lm")
+    values["seed"] = getattr(args, "seed", 0)
+    known = {f.name for f in fields(LaplaceOptions)}
+    return LaplaceOptions(**{k: v for k, v in values.items() if k in known})
+
+
+def fit_batches(path: str, limit, likelihood: str, model, tokenizer, prompter, args, batch_size: int):
+    """The fit (or validation) batches of ``path`` for ``likelihood``: multiple-choice examples scored as
+    evaluate.py scores them (``--choice_format``, ``--choice_norm``), or the response tokens of each record."""
+    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.evaluation.predictive import PairScorer
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    if likelihood == "choice":
+        fmt, prefix = getattr(args, "choice_format", "label"), getattr(args, "choice_prefix", None)
+        data = load_eval_set(name, path, limit, prompter, fmt, *([prefix] if prefix is not None else []))
+        if data.task.kind != "choice":
+            raise InputError(f"{path}: the choice likelihood needs multiple-choice data; use --laplace_likelihood lm")
+        norm = getattr(args, "choice_norm", "none")
+        return PairScorer(model, tokenizer, data.pairs, batch_size, "full", norm, data.golds).batches()
+    return lm_batches(path, limit, tokenizer, prompter, batch_size, getattr(args, "cutoff_len", 256))
+
+
+def lm_batches(path: str, limit, tokenizer, prompter, batch_size: int, cutoff_len: int):
+    """Right-padded LMBatches of the records' responses (prompt tokens masked out of the labels)."""
+    import torch
+
+    from peft_bayes.data import load_records, tokenize_record
+    from peft_bayes.posterior import LMBatch
+    from peft_bayes.posterior.likelihood import IGNORE
+
+    records = load_records(path, split="train")[:limit]
+    rows = [tokenize_record(r, tokenizer, prompter, cutoff_len, False) for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            n = len(r["input_ids"])
+            ids[i, :n], mask[i, :n], labels[i, :n] = (
+                torch.tensor(r[k]) for k in ("input_ids", "attention_mask", "labels")
+            )
+        batches.append(LMBatch(ids, mask, labels))
+    return batches
+
+
+def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data: bool, batch_size: int, quiet=False):
+    """Fits a Laplace posterior on ``fit_path`` (progress on stdout), tunes its prior, saves it to ``folder``."""
+    from peft_bayes.posterior import Laplace
+
+    options = laplace_options(args, choice_data)
+    posterior = Laplace(model, options)
+    batches = fit_batches(
+        fit_path, args.fit_limit, options.likelihood, model, tokenizer, prompter, args, args.batch_size
+    )
+
+    def progress(done: int, total: int) -> None:
+        if not quiet:
+            print(
+                f"\rLaplace fit ({options.structure}, {options.likelihood}): {done}/{total} examples",
+                end="" if done < total else "\n",
+                flush=True,
+            )
+
+    t0 = time.perf_counter()
+    posterior.fit(batches, progress)
+    if options.prior_method == "val":
+        val = fit_batches(
+            args.val_data_path, None, options.likelihood, model, tokenizer, prompter, args, args.batch_size
+        )
+        posterior.tune_prior_on_validation(val)
+    posterior.fit_seconds = time.perf_counter() - t0
+    posterior.save(folder)
+    if not quiet:
+        prior = ", ".join(f"{v:.4g}" for v in posterior.prior_precision.tolist()[:4])
+        print(
+            f"Laplace posterior fitted on {posterior.n_data} examples in {posterior.fit_seconds:.1f} s "
+            f"(prior precision {prior}{', ...' if posterior.n_priors > 4 else ''}); saved to {folder}"
+        )
+    return posterior
+
+
+def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):
+    """The posterior evaluate.py evaluates with (see the module docstring)."""
+    from peft_bayes.posterior import BayesLoraPosterior, PointEstimate, default_posterior, load_posterior
+    from peft_bayes.posterior.base import posterior_folder
+
+    if args.posterior == "auto":
+        return default_posterior(model)
+    if args.posterior == "map":
+        return PointEstimate(model)
+    if args.posterior == "bayeslora":
+        return BayesLoraPosterior(model)
+    if not args.adapter:
+        raise InputError("--posterior laplace needs --adapter (the posterior is over the adapter's weights)")
+    folder = posterior_folder(args.adapter, "laplace")
+    if args.fit_data_path:
+        return fit_laplace(
+            model, tokenizer, prompter, args, args.fit_data_path, folder, choice_data, args.batch_size, args.quiet
+        )
+    if not os.path.isdir(folder):
+        raise InputError(f"no saved Laplace posterior in {folder}: give --fit_data_path to fit one")
+    posterior = load_posterior(model, folder)
+    for flag, name in EVAL_FLAGS.items():
+        if getattr(args, flag) is not None:
+            setattr(posterior.options, name, getattr(args, flag))
+    return posterior
+
+
+def is_choice_data(path: str) -> bool:
+    """Whether the records of ``path`` are multiple choice (they have gold ``answer`` labels among options)."""
+    from peft_bayes.data import load_records
+    from peft_bayes.data.answers import infer_task
+
+    try:
+        records = load_records(path, required=("instruction", "answer"), split="train")
+    except InputError:
+        return False  # no gold answers: generation data
+    return infer_task(records, os.path.splitext(os.path.basename(path))[0]).kind == "choice"
