@@ -109,6 +109,23 @@ METHODS: dict[str, Method] = {
 }
 
 
+def _laplace_flags(subset: str) -> Flags:
+    def flags(a: argparse.Namespace) -> list[str]:
+        out = ["--posterior", "laplace", "--fit_data_path", a.train_slice, "--laplace_subset", subset]
+        return out + (["--fit_limit", str(a.fit_limit)] if a.fit_limit else [])
+
+    return flags
+
+
+METHODS["laplace"] = Method(  # post hoc on the LoRA adapter: fitted on the training slice, GLM probit predictive
+    "lora",
+    (
+        Variant("laplace:all", "Laplace-LoRA (K-FAC, all)", _laplace_flags("all")),
+        Variant("laplace:last_layer", "Laplace-LoRA (K-FAC, last layer)", _laplace_flags("last_layer")),
+    ),
+)
+
+
 class StepFailed(Exception):
     """A subprocess failed; the message is the bench's one-line error."""
 
@@ -153,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--work_dir", default=None, help="adapters, slices, logs (default: <output_dir>/work-<task>)")
     g.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the subprocesses (0: torch default)")
     g.add_argument("--verbose", action="store_true", help="stream the subprocesses' output (always in the logs)")
+    g.add_argument("--resume", action="store_true", help="reuse the work folder's trainings / evaluations whose "
+                   "exact commands ran before (progress.json) and whose outputs still exist")  # fmt: skip
+    g.add_argument("--fit_limit", type=int, default=None, help="Laplace: fit on the first N training questions")
     args = p.parse_args(argv)
     args.rows = _select_rows(p, args.methods)
     for flag in ("n_train", "n_test", "rank", "batch_size", "micro_batch_size", "eval_batch_size"):
@@ -206,10 +226,19 @@ class Runner:
     def elapsed(self) -> str:
         return f"[{(time.perf_counter() - self.t0) / 60:6.1f} min]"
 
+    @staticmethod
+    def command_line(script: str, flags: list[str]) -> str:
+        return f"python {script}.py " + " ".join(shlex.quote(f) for f in flags)
+
+    def skip(self, what: str) -> None:
+        """A step reused from an earlier run (``--resume``)."""
+        self.step += 1
+        print(f"{self.elapsed()} ({self.step}/{self.n_steps}) {what}", flush=True)
+
     def run(self, script: str, flags: list[str], what: str) -> tuple[str, float]:
         """Runs ``<repo>/<script>.py flags``; (command line, wall seconds). Raises StepFailed on a nonzero exit."""
         self.step += 1
-        line = f"python {script}.py " + " ".join(shlex.quote(f) for f in flags)
+        line = self.command_line(script, flags)
         self.commands.append(line)
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{self.step:02d}-{re.sub(r'[^A-Za-z0-9.-]+', '_', what)}.log"
@@ -296,23 +325,52 @@ def count_steps(args: argparse.Namespace) -> int:
     return len(args.seeds) * (len(recipes) + per_seed) + sum(not v.per_seed for _, v in args.rows)
 
 
+def earlier_runs(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
+    """``--resume``: (train command -> seconds, eval command -> result) of the work folder's earlier runs whose
+    outputs still exist; empty without ``--resume``."""
+    path = work / "progress.json"
+    if not args.resume or not path.is_file():
+        return {}, {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    trains = {r["train_command"]: r["train_seconds"] for r in earlier if r.get("train_command")}
+    evals = {r["eval_command"]: r for r in earlier if Path(r["eval_dir"]).is_dir() and "reused_from_seed" not in r}
+    return trains, evals
+
+
+def _train(args, runner: Runner, recipe: str, train_data: Path, out: Path, seed: int, trains: dict):
+    """(adapter folder, command, seconds): trained now, or reused (``--resume``) when the same command left it."""
+    flags = train_flags(args, recipe, train_data, out, seed)
+    line = runner.command_line("train", flags)
+    if line in trains and (out / "adapter_config.json").is_file():
+        runner.skip(f"seed {seed}: train {recipe} (reused: {out})")
+        return out, line, trains[line]
+    return (out, *runner.run("train", flags, f"seed {seed}: train {recipe}"))
+
+
 def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Path) -> list[dict]:
     """Every (seed, row): trains each recipe once per seed, evaluates each variant; one result dict per run."""
     results, once = [], {}
+    trains, evals = earlier_runs(args, work)
+    args.train_slice = str(train_data)  # the Laplace variants fit on it
     for seed in args.seeds:
         trained: dict[str, tuple[Path, str, float]] = {}  # recipe -> (adapter folder, command, seconds)
         for method, variant in args.rows:
             recipe = METHODS[method].train
             if recipe and recipe not in trained:
                 out = work / f"seed{seed}" / f"train-{recipe}"
-                flags = train_flags(args, recipe, train_data, out, seed)
-                trained[recipe] = (out, *runner.run("train", flags, f"seed {seed}: train {recipe}"))
+                trained[recipe] = _train(args, runner, recipe, train_data, out, seed, trains)
             adapter, train_line, train_s = trained[recipe] if recipe else (None, None, None)
             if not variant.per_seed and variant.key in once:
                 results.append({**once[variant.key], "seed": seed, "reused_from_seed": once[variant.key]["seed"]})
                 continue
             out = work / f"seed{seed}" / f"eval-{slug(variant.key)}"
             flags = eval_flags(args, variant, adapter, out, seed)
+            if runner.command_line("evaluate", flags) in evals:
+                runner.skip(f"seed {seed}: evaluate {variant.key} (reused)")
+                result = {**evals[runner.command_line("evaluate", flags)], "train_seconds": train_s}
+                results.append(result)
+                once.setdefault(variant.key, result)
+                continue
             line, wall = runner.run("evaluate", flags, f"seed {seed}: evaluate {variant.key}")
             summary = json.loads((out / f"{args.task}_summary.json").read_text(encoding="utf-8"))
             result = {"method": method, "row": variant.key, "label": label(variant, args), "seed": seed,

@@ -81,10 +81,12 @@ def row_scores(model, batch: ChoiceBatch) -> torch.Tensor:
     batch = batch.to(_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, -batch.input_ids.shape[1] :]  # prompt learning prepends virtual tokens
-    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-    scored = batch.targets != IGNORE
-    token_lp = logp.gather(-1, batch.targets.clamp_min(0)[..., None]).squeeze(-1) * scored
-    return token_lp.sum(-1) * batch.row_weight.to(token_lp.dtype)
+    # Only the continuation's positions are normalised: a (scored tokens, V) log-softmax, not (R, L, V).
+    rows, cols = (batch.targets != IGNORE).nonzero(as_tuple=True)
+    picked = logits[rows, cols].to(torch.promote_types(logits.dtype, torch.float32))
+    token_lp = picked.log_softmax(-1).gather(-1, batch.targets[rows, cols][:, None]).squeeze(-1)
+    out = token_lp.new_zeros(batch.input_ids.shape[0]).index_add(0, rows, token_lp)
+    return out * batch.row_weight.to(token_lp.dtype)
 
 
 def choice_scores(model, batch: ChoiceBatch) -> torch.Tensor:
