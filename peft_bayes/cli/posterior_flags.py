@@ -29,7 +29,8 @@ FIT_FLAGS = {
     "prior_precision": "prior_precision",
     "prior_per_layer": "prior_per_layer",
 }
-EVAL_FLAGS = {"laplace_predictive": "predictive", "link": "link"}
+# flags that apply to fitting and to a saved posterior alike
+EVAL_FLAGS = {"laplace_predictive": "predictive", "link": "link", "laplace_batch_size": "grad_batch_size"}
 
 
 def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
@@ -74,6 +75,10 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
     g.add_argument("--prior_per_layer", type=str2bool, nargs="?", const=True, default=None, help="one per weight")
     g.add_argument("--laplace_predictive", default=None, choices=PREDICTIVES, help="glm (default) or nn samples")
     g.add_argument("--link", default=None, choices=LINKS, help="GLM link: probit (default, closed form) or mc")
+    g.add_argument(
+        "--laplace_batch_size", type=int, default=None, help="examples per differentiable batch of the fit and the "
+        "GLM predictive (4; each keeps a forward pass's graph, like a training micro-batch)",
+    )  # fmt: skip
 
 
 def check_posterior_flags(args) -> None:
@@ -151,15 +156,14 @@ def lm_batches(path: str, limit, tokenizer, prompter, batch_size: int, cutoff_le
     return batches
 
 
-def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data: bool, batch_size: int, quiet=False):
+def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data: bool, quiet=False):
     """Fits a Laplace posterior on ``fit_path`` (progress on stdout), tunes its prior, saves it to ``folder``."""
     from peft_bayes.posterior import Laplace
 
     options = laplace_options(args, choice_data)
     posterior = Laplace(model, options)
-    batches = fit_batches(
-        fit_path, args.fit_limit, options.likelihood, model, tokenizer, prompter, args, args.batch_size
-    )
+    size = options.grad_batch_size  # a training-sized batch: the fit keeps the whole graph of a forward pass
+    batches = fit_batches(fit_path, args.fit_limit, options.likelihood, model, tokenizer, prompter, args, size)
 
     def progress(done: int, total: int) -> None:
         if not quiet:
@@ -172,9 +176,7 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
     t0 = time.perf_counter()
     posterior.fit(batches, progress)
     if options.prior_method == "val":
-        val = fit_batches(
-            args.val_data_path, None, options.likelihood, model, tokenizer, prompter, args, args.batch_size
-        )
+        val = fit_batches(args.val_data_path, None, options.likelihood, model, tokenizer, prompter, args, size)
         posterior.tune_prior_on_validation(val)
     posterior.fit_seconds = time.perf_counter() - t0
     posterior.save(folder)
@@ -202,9 +204,7 @@ def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):
         raise InputError("--posterior laplace needs --adapter (the posterior is over the adapter's weights)")
     folder = posterior_folder(args.adapter, "laplace")
     if args.fit_data_path:
-        return fit_laplace(
-            model, tokenizer, prompter, args, args.fit_data_path, folder, choice_data, args.batch_size, args.quiet
-        )
+        return fit_laplace(model, tokenizer, prompter, args, args.fit_data_path, folder, choice_data, args.quiet)
     if not os.path.isdir(folder):
         raise InputError(f"no saved Laplace posterior in {folder}: give --fit_data_path to fit one")
     posterior = load_posterior(model, folder)

@@ -404,7 +404,7 @@ def _fit_posterior(args, model, tokenizer, prompter) -> None:
 
     folder = posterior_folder(args.output_dir, "laplace")
     choice = is_choice_data(args.data_path)
-    fit_laplace(model, tokenizer, prompter, args, args.data_path, folder, choice, args.micro_batch_size)
+    fit_laplace(model, tokenizer, prompter, args, args.data_path, folder, choice)
 
 
 def _close_process_group() -> None:

@@ -92,10 +92,10 @@ class PairScorer:
             self.model, self.tokenizer, self.pairs, self.batch_size, progress, self.scoring, self.norm, self.encoded
         )
 
-    def batches(self) -> Iterable[ChoiceBatch]:
+    def batches(self, batch_size: int | None = None) -> Iterable[ChoiceBatch]:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         weights = [1.0 / normalisers(p, s, self.norm) for p, s in zip(self.pairs, self.encoded)]
-        return choice_batches(self.encoded, weights, self.labels, self.batch_size, pad_id)
+        return choice_batches(self.encoded, weights, self.labels, batch_size or self.batch_size, pad_id)
 
 
 def averaged_option_probs(

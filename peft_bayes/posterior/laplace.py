@@ -63,6 +63,7 @@ class LaplaceOptions:
     predictive: str = "glm"
     link: str = "probit"
     seed: int = 0  # label sampling of the mc Fisher
+    grad_batch_size: int = 4  # examples per differentiable batch of the GLM predictive (memory: a training batch)
 
     def __post_init__(self) -> None:
         for flag, value, allowed in (
@@ -78,6 +79,8 @@ class LaplaceOptions:
             _choice(flag, value, allowed)
         if not (self.prior_precision > 0 and math.isfinite(self.prior_precision)):
             raise InputError(f"--prior_precision must be a positive number, got {self.prior_precision}")
+        if self.grad_batch_size < 1:
+            raise InputError(f"--laplace_batch_size must be a positive number of examples, got {self.grad_batch_size}")
         if self.fisher_samples < 1:
             raise InputError(f"--laplace_fisher_samples must be positive, got {self.fisher_samples}")
         if self.fisher == "exact" and self.likelihood != "choice":
@@ -215,12 +218,12 @@ class Laplace(Posterior):
 
     # --- predictive ---------------------------------------------------------------------------------------------
     def glm_moments(self, batch: ChoiceBatch, priors: Sequence[torch.Tensor] | None = None):
-        """(f (B, K) option scores at θ*, [Σ_f (B, K, K) per prior]) of the linearised model; ``priors``: prior
-        precisions to evaluate (default: the fitted one)."""
+        """(f (B, K) option scores at θ*, [Σ_f (B, K, K) per prior]) of the linearised model, computed in eval mode
+        (no dropout, BayesLoRA's mean); ``priors``: prior precisions to evaluate (default: the fitted one)."""
         blocks = self._require_fit()
         priors = [self.prior_precision] if priors is None else priors
         dtype = stats_dtype(self.sites)
-        with Recorder(self.sites) as rec, torch.enable_grad():
+        with _eval_mode(self.model), Recorder(self.sites) as rec, torch.enable_grad():
             f = choice_scores(self.model, batch)
             B, K = f.shape
             unit, mask = batch.example.to(f.device), batch.attention_mask.to(f.device)
@@ -264,7 +267,7 @@ class Laplace(Posterior):
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in scorer.batches():
+            for batch in scorer.batches(self.options.grad_batch_size):
                 f, (cov,) = self.glm_moments(batch)
                 probs = glm_probabilities(f, cov, self.options.link, max(samples, 1), generator)
                 for row, index in enumerate(batch.index.tolist()):
@@ -331,6 +334,16 @@ class Laplace(Posterior):
             self.blocks.append(block_type.from_state_dict(part).eigendecompose())
         self.prior_precision = state["prior_precision"].to(torch.float64)
         self.n_data, self.loglik, self.fingerprint = config["n_data"], config["loglik"], config["fingerprint"]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager
