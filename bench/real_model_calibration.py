@@ -251,12 +251,17 @@ class Runner:
             out.flush()
             proc = subprocess.Popen(
                 [sys.executable, str(ROOT / f"{script}.py"), *flags], cwd=ROOT, env=self.env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )  # fmt: skip
             last = ""
-            for text in proc.stdout:
+            # Chunks, not lines: a progress line redraws with \r and ends its line only when done, so reading
+            # lines would keep it out of the log until then.
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                text = chunk.decode("utf-8", errors="replace")
                 out.write(text)
-                last = text.strip().split("\r")[-1].strip() or last  # a progress bar redraws with \r
+                out.flush()
+                parts = [p.strip() for p in re.split(r"[\r\n]", text) if p.strip()]
+                last = parts[-1] if parts else last
                 if self.args.verbose:
                     print(text, end="", flush=True)
             rc = proc.wait()
