@@ -23,7 +23,7 @@ from peft_bayes.posterior.curvature import (
     per_unit_gradients,
     rows_tokens,
 )
-from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_scores, lm_logits
+from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, lm_logits, row_scores, scores_matrix
 from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 
 
@@ -57,16 +57,21 @@ def backward_vectors(model, batch: ChoiceBatch | LMBatch, opts, generator):
     """Runs the forward pass of ``batch`` (sites recording) and returns
     ``(outputs, mask (R, T), unit (R,), n_units, nll, [(weight, vector)])``."""
     if isinstance(batch, ChoiceBatch):
-        f = choice_scores(model, batch)  # (B, K), -inf where an example has fewer options
-        logp = f.log_softmax(-1)
-        p = logp.detach().exp()
+        # The outputs are the (R,) row scores: option k of example n is row r alone, so a vector v over (B, K)
+        # is the row vector v[example, option] (see CurvatureAccumulator.backward_rows).
+        rows = row_scores(model, batch)
+        f = scores_matrix(rows, batch)  # (B, K), -inf where an example has fewer options
+        logp = f.detach().log_softmax(-1)
+        p = logp.exp()
         gold = batch.labels.to(f.device)
         known = gold >= 0
-        nll = -logp[known].gather(1, gold[known][:, None]).sum().detach()
+        nll = -logp[known].gather(1, gold[known][:, None]).sum()
         if opts.fisher == "empirical":
             _gold(batch.labels, "empirical Fisher of the choice")
         vectors = _vectors(p, gold.clamp_min(0), opts.fisher, opts.fisher_samples, generator)
-        return f, batch.attention_mask, batch.example, batch.n_examples, nll, vectors
+        example, option = batch.example.to(f.device), batch.option.to(f.device)
+        row_vectors = [(w, v[example, option]) for w, v in vectors]
+        return rows, batch.attention_mask, batch.example, batch.n_examples, nll, row_vectors
     logits = lm_logits(model, batch)[:, :-1]  # position t predicts labels[t + 1]
     labels = batch.labels.to(logits.device)[:, 1:]
     scored = labels != IGNORE
@@ -121,12 +126,52 @@ class CurvatureAccumulator:
             per_unit_gradients(rows_tokens(a, rows), rows_tokens(g, rows), mask, unit, n_units, self.dtype)
             for a, g in zip(rec.inputs, grads)
         ]
+        self._add_per_unit(weight, per_unit)
+
+    def backward_rows(self, rec: Recorder, rows, vectors, mask, unit, n_units: int) -> None:
+        """Every backward vector of a batch whose rows are independent (one option per row, ``vectors`` over the
+        rows): ONE backward pass of the summed row scores gives each row's output gradients g_r, and a vector v
+        scales them (v_r g_r), so every Fisher flavour costs one backward whatever the options or vectors."""
+        grads = rec.output_grads(rows, torch.ones_like(rows))
+        R, device = mask.shape[0], grads[0].device
+        mask, unit = mask.to(device), unit.to(device)
+        vs = [(w, v.to(device=device, dtype=self.dtype)) for w, v in vectors]
+        gs = [rows_tokens(g, R).to(self.dtype) for g in grads]
+        if self.structure == "kron":
+            for i, g in enumerate(gs):
+                self.G[i] += self._row_output_factor(g, vs, unit, n_units)
+            return
+        row_index = torch.arange(R, device=device)
+        per_row = [
+            per_unit_gradients(rows_tokens(a, R), g, mask, row_index, R, self.dtype) for a, g in zip(rec.inputs, gs)
+        ]
+        for w, v in vs:
+            per_unit = [
+                j.new_zeros((n_units, *j.shape[1:])).index_add_(0, unit, v[:, None, None] * j) for j in per_row
+            ]
+            self._add_per_unit(w, per_unit)
+
+    def _row_output_factor(self, g: torch.Tensor, vs: list, unit: torch.Tensor, n_units: int) -> torch.Tensor:
+        """Σ_v w_v Σ (v_r g)(v_r g)ᵀ over tokens (expand) or over per-unit sums of v_r Σ_t g_r (reduce)."""
+        if not self.reduce:
+            w_r = sum(w * v.pow(2) for w, v in vs)  # (R,)
+            flat = (g * w_r.sqrt()[:, None, None]).reshape(-1, g.shape[-1])
+            return flat.T @ flat
+        sums = g.sum(1)  # (R, out)
+        out = sums.new_zeros((sums.shape[-1], sums.shape[-1]))
+        for w, v in vs:
+            u = sums.new_zeros((n_units, sums.shape[-1])).index_add_(0, unit, v[:, None] * sums)
+            out += w * u.T @ u
+        return out
+
+    def _add_per_unit(self, weight: float, per_unit: list[torch.Tensor]) -> None:
+        """Per-unit gradients (n_units, out, in) of every site for one vector: squared (diag) or outer (full)."""
         if self.structure == "diag":
             for i, j in enumerate(per_unit):
                 self.D[i] += weight * j.pow(2).sum(0)
-        else:
-            flat = torch.cat([j.flatten(1) for j in per_unit], 1)  # (units, P)
-            self.H += weight * flat.T @ flat
+            return
+        flat = torch.cat([j.flatten(1) for j in per_unit], 1)  # (units, P)
+        self.H += weight * flat.T @ flat
 
     def blocks(self) -> list[CurvatureBlock]:
         if self.structure == "kron":

@@ -24,9 +24,17 @@ import torch
 
 from peft_bayes.errors import InputError
 from peft_bayes.posterior.base import OptionScorer, Posterior
-from peft_bayes.posterior.curvature import SUBSETS, Recorder, Site, adapter_sites, per_unit_gradients, stats_dtype
+from peft_bayes.posterior.curvature import (
+    SUBSETS,
+    Recorder,
+    Site,
+    adapter_sites,
+    per_unit_gradients,
+    rows_tokens,
+    stats_dtype,
+)
 from peft_bayes.posterior.fisher import CurvatureAccumulator, backward_vectors
-from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, choice_scores
+from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, row_scores, scores_matrix
 from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 
 STRUCTURES = ("kron", "diag", "full")
@@ -162,8 +170,11 @@ class Laplace(Posterior):
                 for batch in data:
                     outputs, mask, unit, n_units, nll, vectors = backward_vectors(self.model, batch, opts, generator)
                     acc.forward(rec, mask, unit, n_units)
-                    for weight, vector in vectors:
-                        acc.backward(rec, outputs, vector, weight, mask, unit, n_units)
+                    if isinstance(batch, ChoiceBatch):  # independent rows: one backward for every vector
+                        acc.backward_rows(rec, outputs, vectors, mask, unit, n_units)
+                    else:
+                        for weight, vector in vectors:
+                            acc.backward(rec, outputs, vector, weight, mask, unit, n_units)
                     loglik -= float(nll)
                     seen += batch.n_examples
                     if progress:
@@ -224,19 +235,18 @@ class Laplace(Posterior):
         priors = [self.prior_precision] if priors is None else priors
         dtype = stats_dtype(self.sites)
         with _eval_mode(self.model), Recorder(self.sites) as rec, torch.enable_grad():
-            f = choice_scores(self.model, batch)
+            rows = row_scores(self.model, batch)
+            f = scores_matrix(rows, batch)
             B, K = f.shape
-            unit, mask = batch.example.to(f.device), batch.attention_mask.to(f.device)
-            jac = [[] for _ in self.sites]  # per site: K tensors (B, out, in)
-            for k in range(K):
-                vector = torch.zeros_like(f)
-                vector[:, k] = 1.0
-                grads = rec.output_grads(f, vector)
-                for i, (a, g) in enumerate(zip(rec.inputs, grads)):
-                    R = batch.input_ids.shape[0]
-                    a2, g2 = a.reshape(R, -1, a.shape[-1]), g.reshape(R, -1, g.shape[-1])
-                    jac[i].append(per_unit_gradients(a2, g2, mask, unit, B, dtype))
-        jacs = [torch.stack(j, 1) for j in jac]  # (B, K, out, in)
+            # Option k of example n is row r alone: one backward of the summed rows gives every row's gradient.
+            grads = rec.output_grads(rows, torch.ones_like(rows))
+            R, device = batch.input_ids.shape[0], rows.device
+            mask, row_index = batch.attention_mask.to(device), torch.arange(R, device=device)
+            index = (batch.example.to(device), batch.option.to(device))
+            jacs = []  # per site: (B, K, out, in), zero where an example has no option k
+            for a, g in zip(rec.inputs, grads):
+                per_row = per_unit_gradients(rows_tokens(a, R), rows_tokens(g, R), mask, row_index, R, dtype)
+                jacs.append(per_row.new_zeros((B, K, *per_row.shape[1:])).index_put_(index, per_row))
         if self.options.structure == "full":
             jacs = [torch.cat([j.flatten(2) for j in jacs], -1)]  # (B, K, P)
         covs = []
