@@ -1,15 +1,20 @@
-"""Option-scoring speed: the shared path (prompt once per example, options from its KV cache) against the full path
-(every option its own sequence), on a real multiple-choice set, label and cloze formats, in one process and one run.
+"""Option-scoring speed of the shared, cached and full paths on a real multiple-choice set, in one run.
+
+``shared`` packs where the model allows (the prompt and every option of an example in one row, one forward pass per
+batch), ``cached`` runs the prompt once per example and the options from its KV cache, ``full`` (the reference) runs
+every option as its own sequence; label and cloze formats, in one process.
 
 Run (CPU; the real model needs ``make install-real``)::
 
     python bench/bench_choice_scoring.py                                  # SmolLM2-135M, ARC-Easy, 100 questions
     python bench/bench_choice_scoring.py --n 200 --batch_size 8 --formats cloze
+    python bench/bench_choice_scoring.py --paths full,shared --repeats 3
     python bench/bench_choice_scoring.py --base_model path/to/model --prompt_template alpaca
 
-For every format both paths score the same questions with the same model and batch size, alternating which goes
-first over ``--repeats`` rounds; the table gives the median examples/s of each path, their ratio, and the largest
-difference between the two paths' option probabilities (they compute the same numbers: it should be ~1e-7).
+For every format all ``--paths`` score the same questions with the same model and batch size, rotating which goes
+first over ``--repeats`` rounds, after one untimed warm-up batch per path (the packing probe, first-call costs); the
+table gives the median examples/s of each path, its ratio to ``full``, and the largest difference between its option
+probabilities and ``full``'s (they compute the same numbers: it should be ~1e-6).
 Outputs under ``--output_dir`` (default ``bench/results``): ``choice_scoring.json`` and ``choice_scoring.md``.
 """
 
@@ -36,64 +41,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--formats", default="label,cloze", help="comma-separated: label, cloze")
     p.add_argument("--prompt_template", default="chat", help="chat needs a tokenizer with a chat template")
+    p.add_argument("--paths", default="full,cached,shared", help="comma-separated --choice_scoring paths; full first")
     p.add_argument("--repeats", type=int, default=1, help="rounds per path (the median is reported)")
     p.add_argument("--output_dir", default=str(ROOT / "bench" / "results"))
     return p.parse_args(argv)
 
 
-def time_path(model, tok, data, scoring: str, batch_size: int) -> tuple[float, list]:
+def time_path(model, tok, pairs, scoring: str, batch_size: int) -> tuple[float, list]:
     from peft_bayes.evaluation.choice_scoring import score_pairs
 
     t0 = time.perf_counter()
-    scores = score_pairs(model, tok, data.pairs, batch_size, scoring=scoring)
+    scores = score_pairs(model, tok, pairs, batch_size, scoring=scoring)
     return time.perf_counter() - t0, [s.softmax(-1) for s in scores]
+
+
+def _paths(args) -> list[str]:
+    from peft_bayes.evaluation.choice_scoring import SCORING_PATHS
+
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if paths[:1] != ["full"] or any(p not in SCORING_PATHS for p in paths):
+        sys.exit(f"error: --paths must start with full and name paths among {'/'.join(SCORING_PATHS)}")
+    return paths
 
 
 def bench_format(model, tok, prompter, path: str, args, fmt: str) -> dict:
     from peft_bayes.cli.evaluate import load_eval_set
 
     data = load_eval_set(args.dataset, path, args.n, prompter, fmt)
-    times: dict[str, list[float]] = {"full": [], "shared": []}
+    paths = _paths(args)
+    for scoring in paths:  # warm-up: the packing probe and first-call allocations are not timed
+        time_path(model, tok, data.pairs[: args.batch_size], scoring, args.batch_size)
+    times: dict[str, list[float]] = {p: [] for p in paths}
     probs = {}
     for r in range(args.repeats):
-        for scoring in ("full", "shared") if r % 2 == 0 else ("shared", "full"):
-            wall, probs[scoring] = time_path(model, tok, data, scoring, args.batch_size)
+        for scoring in paths[r % len(paths) :] + paths[: r % len(paths)]:
+            wall, probs[scoring] = time_path(model, tok, data.pairs, scoring, args.batch_size)
             times[scoring].append(wall)
             print(f"{fmt:6s} {scoring:6s} round {r + 1}: {len(data.pairs) / wall:.2f} examples/s", flush=True)
-    diff = max(float((a - b).abs().max()) for a, b in zip(probs["full"], probs["shared"]))
-    acc = 100 * sum(int(p.argmax()) == g for p, g in zip(probs["shared"], data.golds)) / len(data.golds)
     rate = {k: len(data.pairs) / statistics.median(v) for k, v in times.items()}
     n_tokens = [len(tok(c + x)["input_ids"]) for pairs in data.pairs for c, x in pairs]
-    return {
+    row = {
         "format": fmt,
         "n": len(data.pairs),
         "options_mean": sum(len(p) for p in data.pairs) / len(data.pairs),
         "option_tokens_mean": sum(n_tokens) / len(n_tokens),
-        "full_examples_per_s": rate["full"],
-        "shared_examples_per_s": rate["shared"],
-        "speedup": rate["shared"] / rate["full"],
-        "max_abs_prob_diff": diff,
-        "accuracy_percent": acc,
+        "paths": paths,
         "wall_s": times,
     }
+    for scoring in paths:
+        row[f"{scoring}_examples_per_s"] = rate[scoring]
+        if scoring != "full":
+            diff = max(float((a - b).abs().max()) for a, b in zip(probs["full"], probs[scoring]))
+            row[f"{scoring}_speedup"] = rate[scoring] / rate["full"]
+            row[f"{scoring}_max_abs_prob_diff"] = diff
+    fastest = max(paths, key=lambda k: rate[k])
+    row["accuracy_percent"] = (
+        100 * sum(int(p.argmax()) == g for p, g in zip(probs[fastest], data.golds)) / len(data.golds)
+    )
+    return row
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    others = [p for p in rows[0]["paths"] if p != "full"]
+    head = "| format | options / question | tokens / option sequence | full (examples/s) |"
+    head += "".join(f" {p} (examples/s) | {p} speed-up | {p} max abs prob diff |" for p in others) + " ACC (%) |"
     lines = [
         f"Option scoring, {meta['base_model']} on {meta['dataset']} ({rows[0]['n']} questions), batch "
         f"{meta['batch_size']}, template {meta['prompt_template']}, {meta['torch_threads']} torch threads "
-        f"({meta['cpu']}).",
+        f"({meta['cpu']}), median of {meta['repeats']} round(s).",
         "",
-        "| format | options / question | tokens / option sequence | full (examples/s) | shared (examples/s) | "
-        "speed-up | max abs prob diff | ACC (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        head,
+        "|---|---:|---:|---:|" + "---:|---:|---:|" * len(others) + "---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['format']} | {r['options_mean']:.2f} | {r['option_tokens_mean']:.0f} | "
-            f"{r['full_examples_per_s']:.2f} | {r['shared_examples_per_s']:.2f} | **{r['speedup']:.2f}x** | "
-            f"{r['max_abs_prob_diff']:.1e} | {r['accuracy_percent']:.1f} |"
-        )
+        cells = [r["format"], f"{r['options_mean']:.2f}", f"{r['option_tokens_mean']:.0f}"]
+        cells.append(f"{r['full_examples_per_s']:.2f}")
+        for p in others:
+            cells += [f"{r[p + '_examples_per_s']:.2f}", f"**{r[p + '_speedup']:.2f}x**"]
+            cells.append(f"{r[p + '_max_abs_prob_diff']:.1e}")
+        cells.append(f"{r['accuracy_percent']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,15 +9,22 @@ scored. Two formats build the pairs (``peft_bayes.data.choices``):
 - ``cloze``: ``context = prompt`` and ``continuation = the option's text`` (fill-in-the-blank: the sentence up to
   the blank filled with the option is context, the rest of the sentence is scored).
 
-Two paths compute the same scores:
+Three paths compute the same scores (``--choice_scoring``):
 
 - ``full`` (the reference): every option is its own full sequence ``context + continuation``; all options of
   ``batch_size`` examples go through ONE right-padded forward pass.
 - ``shared`` (default): the tokens all options of an example share (prompt, prefix, the common start of the
-  continuations) run once, for ``batch_size`` examples in one right-padded pass; an option whose remainder is one
+  continuations) run once. Where the model takes ``position_ids`` and a 4D attention mask (``packed_scoring``:
+  LLaMA, GPT-2, OPT, GPT-J, GPT-NeoX) each example is ONE packed row, the shared prefix followed by every option's
+  own tokens, each option masked from the others and at the positions of its own sequence: one forward pass per
+  batch (after a one-row pass for the tokens all its examples start with, such as a system prompt). Elsewhere
+  (BLOOM's ALiBi) it takes the ``cached`` path.
+- ``cached``: the shared tokens of ``batch_size`` examples in one right-padded pass; an option whose remainder is one
   token is scored from the last shared position's logits (labels), longer remainders (cloze) continue from the
-  shared KV cache, the options of all examples batched in a second pass. Prompt-learning adapters (prefix, prompt,
-  p-tuning) manage the cache themselves and always take the full path.
+  shared KV cache, the options of all examples batched in a second pass.
+
+Prompt-learning adapters (prefix, prompt, p-tuning) manage the cache and positions themselves and always take the
+full path.
 
 Scores are summed log-probabilities, or normalised (``norm``) per continuation token or per character, as
 lm-evaluation-harness' ``acc`` / ``acc_norm`` do; option probabilities are the softmax of the scores.
@@ -35,9 +42,16 @@ from peft_bayes.data.choices import ChoiceQuestion, gold_index
 from peft_bayes.data.choices import example_options as _record_options
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.batching import make_batches
+from peft_bayes.evaluation.packed_scoring import (
+    accepts_argument,
+    packed_length,
+    packed_log_likelihoods,
+    packing_is_exact,
+    shared_length,
+)
 
 DEFAULT_PREFIX = "the correct answer is "
-SCORING_PATHS = ("shared", "full")
+SCORING_PATHS = ("shared", "cached", "full")
 CHOICE_NORMS = ("none", "tokens", "chars")
 
 Pair = tuple[str, str]  # (context text, continuation text) of one option
@@ -136,26 +150,6 @@ def sequence_log_likelihoods(model, seqs: Sequence[tuple[list[int], int]], pad_i
     return out
 
 
-def _shared_length(seqs: Sequence[tuple[list[int], int]]) -> int:
-    """Tokens every option of one example starts with, leaving each option at least one token of its own."""
-    first = seqs[0][0]
-    n = min(len(ids) for ids, _ in seqs) - 1
-    for ids, _ in seqs[1:]:
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
-    return n
-
-
-def _accepts(model, argument: str) -> bool:
-    """Whether the (base) model's forward takes ``argument`` (``position_ids``, ``logits_to_keep``)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return argument in inspect.signature(base.forward).parameters
-
-
 def _prefix_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: list[int], last: list[int]):
     """Pass 1: (output, column) where ``output.logits[e, column(e, p)]`` are example e's logits at position p.
 
@@ -164,7 +158,7 @@ def _prefix_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: list[int
     """
     device = _device(model)
     kwargs = {}
-    if _accepts(model, "logits_to_keep"):
+    if accepts_argument(model, "logits_to_keep"):
         k = max(b - a + 1 for a, b in zip(first, last))
         keep = torch.tensor([[min(a + j, b) for j in range(k)] for a, b in zip(first, last)])  # (E, K)
         kwargs["logits_to_keep"] = keep.to(device)
@@ -189,7 +183,7 @@ class _Option:
 
 
 def shared_log_likelihoods(model, examples: Sequence[Sequence[tuple[list[int], int]]], pad_id: int) -> list:
-    """The shared path for a batch of examples; the same scores as :func:`sequence_log_likelihoods`.
+    """The cached path for a batch of examples; the same scores as :func:`sequence_log_likelihoods`.
 
     Pass 1 runs each example's shared tokens (right-padded, (E, P)); an option's first own token is scored from
     the logits at its example's last shared position. Pass 2 feeds every option's remaining tokens but the last,
@@ -199,7 +193,7 @@ def shared_log_likelihoods(model, examples: Sequence[Sequence[tuple[list[int], i
     Returns:
         One (number of options,) float64 tensor per example.
     """
-    shared = [_shared_length(seqs) for seqs in examples]
+    shared = [shared_length(seqs) for seqs in examples]
     prefix_ids, prefix_mask = _right_padded([seqs[0][0][:p] for seqs, p in zip(examples, shared)], pad_id)
     options = [
         _Option(e, ids, len(ids) - n_cont, shared[e]) for e, seqs in enumerate(examples) for ids, n_cont in seqs
@@ -248,7 +242,7 @@ def length_groups(lengths: Sequence[int], overhead: int | None = None) -> list[l
 
 
 def _continue_from_cache(model, options: list[_Option], tails: list[int], cache, prefix_mask, pad_id: int):
-    """Pass 2 of the shared path: log-probabilities of the tokens after each option's first own token.
+    """Pass 2 of the cached path: log-probabilities of the tokens after each option's first own token.
 
     Options are fed in groups of similar remainder length (:func:`length_groups`), each over its own copy of the
     pass-1 cache with one row per option.
@@ -278,7 +272,7 @@ def _cached_forward(model, options, rows: list[int], feed, cache, prefix_mask, p
     cache.reorder_cache(examples.to(device))  # one copy of its example's cache per option (index_select)
     attention = torch.cat([prefix_mask[examples], mask], dim=1)  # keeps pass 1's padding holes masked
     kwargs = {}
-    if _accepts(model, "position_ids"):  # BLOOM has none: its ALiBi positions come from the mask's cumulative sum
+    if accepts_argument(model, "position_ids"):  # BLOOM has none: ALiBi positions come from the mask's cumulative sum
         start = torch.tensor([options[r].shared for r in rows])
         kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])).to(device)
     return model(
@@ -314,8 +308,9 @@ def score_pairs(
     Args:
         pairs: Per example, one ``(context, continuation)`` text pair per option (:func:`label_pairs`,
             :func:`cloze_pairs`).
-        scoring: ``shared`` (the shared tokens once, then the options from the KV cache) or ``full`` (every option
-            as its own sequence, the reference); prompt-learning adapters always take ``full``.
+        scoring: ``shared`` (the shared tokens once: packed rows where the model allows, else ``cached``),
+            ``cached`` (the shared tokens once, then the options from the KV cache) or ``full`` (every option as
+            its own sequence, the reference); prompt-learning adapters always take ``full``.
         norm: ``none`` (summed log-likelihood), ``tokens`` (per continuation token) or ``chars`` (per character).
         encoded: ``[encode_pairs(tokenizer, p) for p in pairs]`` when the caller scores the same pairs repeatedly
             (one pass per posterior sample): tokenized once.
@@ -328,24 +323,37 @@ def score_pairs(
     if norm not in CHOICE_NORMS:
         raise InputError(f"--choice_norm must be one of {'/'.join(CHOICE_NORMS)}, got {norm!r}")
     seqs = encoded if encoded is not None else [encode_pairs(tokenizer, p) for p in pairs]
-    lengths = [max(len(ids) for ids, _ in s) for s in seqs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    shared = scoring == "shared" and not _is_prompt_learning(model)
+    path = _batch_path(model, scoring)
+    row_length = packed_length if path == "packed" else (lambda s: max(len(ids) for ids, _ in s))
     scores: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     done = 0
-    for idx in make_batches(lengths, batch_size):
-        batch = [seqs[i] for i in idx]
-        if shared and all(_shared_length(s) > 0 for s in batch):
-            logliks = shared_log_likelihoods(model, batch, pad_id)
-        else:
-            flat = sequence_log_likelihoods(model, [seq for s in batch for seq in s], pad_id)
-            logliks = list(flat.split([len(s) for s in batch]))
-        for i, ll in zip(idx, logliks):
+    for idx in make_batches([row_length(s) for s in seqs], batch_size):
+        for i, ll in zip(idx, _score_batch(model, [seqs[i] for i in idx], pad_id, path)):
             scores[i] = ll / normalisers(pairs[i], seqs[i], norm)
         done += len(idx)
         if progress:
             progress(done, len(pairs))
     return scores
+
+
+def _batch_path(model, scoring: str) -> str:
+    """``full``, ``packed`` or ``cached``: how :func:`score_pairs` runs its batches on ``model``."""
+    if scoring == "full" or _is_prompt_learning(model):
+        return "full"
+    if scoring == "shared" and packing_is_exact(model):
+        return "packed"
+    return "cached"
+
+
+def _score_batch(model, batch: Sequence[Sequence[tuple[list[int], int]]], pad_id: int, path: str) -> list:
+    """Summed log-likelihoods of every option of a batch of examples, one (number of options,) tensor each."""
+    if path == "packed":
+        return packed_log_likelihoods(model, batch, pad_id)
+    if path == "cached" and all(shared_length(s) > 0 for s in batch):
+        return shared_log_likelihoods(model, batch, pad_id)
+    flat = sequence_log_likelihoods(model, [seq for s in batch for seq in s], pad_id)
+    return list(flat.split([len(s) for s in batch]))
 
 
 def score_options(

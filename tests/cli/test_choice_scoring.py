@@ -1,6 +1,6 @@
-"""The shared option-scoring path (prompt once per example, options from its KV cache) against the full path
-(every option its own sequence) and against an independent per-option computation, in the label and cloze formats,
-on every tiny architecture; evaluate.py and train.py with --choice_format cloze."""
+"""The shared option-scoring paths (packed rows, or the prompt once per example and the options from its KV cache)
+against the full path (every option its own sequence) and against an independent per-option computation, in the
+label and cloze formats, on every tiny architecture; evaluate.py and train.py with --choice_format cloze."""
 
 from __future__ import annotations
 
@@ -16,7 +16,21 @@ from peft_bayes.cli.modeling import load_tokenizer
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.data.choices import parse_choice_question
 from peft_bayes.errors import InputError
-from peft_bayes.evaluation.choice_scoring import cloze_pairs, label_pairs, score_pairs
+from peft_bayes.evaluation.choice_scoring import (
+    cloze_pairs,
+    encode_pairs,
+    label_pairs,
+    score_pairs,
+    sequence_log_likelihoods,
+)
+from peft_bayes.evaluation.packed_scoring import (
+    common_prefix,
+    pack_example,
+    packed_attention_mask,
+    packed_log_likelihoods,
+    packing_is_exact,
+    shared_length,
+)
 from peft_bayes.tiny import TINY_ARCHITECTURES
 from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample
 
@@ -88,6 +102,129 @@ def test_shared_equals_full_on_every_architecture(arch, fmt, model_dirs):
     assert all(float(s.max() - s.min()) > 1e-3 for s in full)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The packed path (one row per example) and the KV-cache path, each against the full path
+# ---------------------------------------------------------------------------------------------------------------
+
+PACKED_ARCHITECTURES = tuple(a for a in TINY_ARCHITECTURES if a != "bloom")  # BLOOM: ALiBi from the 2D mask
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_packing_is_taken_where_it_is_exact(arch, model_dirs):
+    model, _ = _load(model_dirs[arch])
+    assert packing_is_exact(model) == (arch in PACKED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("common", ["cached", "in-rows"])
+@pytest.mark.parametrize("arch", PACKED_ARCHITECTURES)
+@pytest.mark.parametrize("fmt", ["label", "bare-label", "cloze"])
+def test_packed_equals_full_on_every_architecture(arch, fmt, common, model_dirs):
+    """All six questions in ONE packed batch: prefixes of different lengths padded, 2-5 options of 1-6 tokens; the
+    template's start that every question shares run once from its KV cache, or inside every row."""
+    model, tok = _load(model_dirs[arch])
+    pairs = {"label": _label_pairs(), "bare-label": _label_pairs(""), "cloze": _cloze_pairs()}[fmt]
+    encoded = [encode_pairs(tok, p) for p in pairs]
+    min_common = {"cached": 0, "in-rows": 10**9}[common]
+    split, _ = common_prefix([pack_example(e) for e in encoded], min_common)
+    assert len(split) > 3 if common == "cached" else not split  # "### Instruction:" and more
+    packed = packed_log_likelihoods(model, encoded, tok.pad_token_id, min_common=min_common)
+    _assert_same_probs(packed, score_pairs(model, tok, pairs, batch_size=6, scoring="full"))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("fmt", ["label", "bare-label", "cloze"])
+def test_cached_equals_full_on_every_architecture(arch, fmt, model_dirs):
+    model, tok = _load(model_dirs[arch])
+    pairs = {"label": _label_pairs(), "bare-label": _label_pairs(""), "cloze": _cloze_pairs()}[fmt]
+    cached = score_pairs(model, tok, pairs, batch_size=4, scoring="cached")
+    _assert_same_probs(cached, score_pairs(model, tok, pairs, batch_size=4, scoring="full"))
+
+
+def test_pack_example_lays_out_prefix_then_options_at_their_own_positions():
+    # shared prefix [1, 2, 3]; option 0 scores 4 5 6, option 1 scores 7, option 2 scores 8 9
+    row = pack_example([([1, 2, 3, 4, 5, 6], 3), ([1, 2, 3, 7], 1), ([1, 2, 3, 8, 9], 2)])
+    assert row.ids == [1, 2, 3, 4, 5, 8]  # each option's last token is only predicted, never fed
+    assert row.positions == [0, 1, 2, 3, 4, 3]
+    assert row.segments == [0, 0, 0, 1, 1, 3]
+    assert row.scored == [(2, 4, 0), (3, 5, 0), (4, 6, 0), (2, 7, 1), (2, 8, 2), (5, 9, 2)]
+    segments = torch.tensor([row.segments + [-1]])
+    mask = packed_attention_mask(segments, segments >= 0, torch.float32)[0, 0] == 0  # True: attends
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0],  # option 0: the prefix and itself
+            [1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0, 1, 0],  # option 2: the prefix and itself, never option 0
+            [1, 1, 1, 0, 0, 0, 1],  # padding: nothing real reads it
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("arch", PACKED_ARCHITECTURES)
+def test_packed_pads_examples_and_takes_options_that_share_no_tokens(arch, model_dirs):
+    model, _ = _load(model_dirs[arch])
+    examples = [
+        [([5, 6, 7, 8, 9], 2), ([10, 11, 12], 1)],  # no token shared: a row without prefix
+        [([1, 2, 3, 4, 5, 6, 7, 8], 3), ([1, 2, 3, 4, 5, 6, 9], 2), ([1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13], 6)],
+        [([1, 20], 1), ([1, 21], 1), ([1, 22, 23], 2)],  # short prefix beside the long one: padded
+    ]
+    assert [shared_length(ex) for ex in examples] == [0, 6, 1]
+    batched = packed_log_likelihoods(model, examples, pad_id=0)
+    for got, example in zip(batched, examples, strict=True):
+        reference = sequence_log_likelihoods(model, example, pad_id=0)
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed_log_likelihoods(model, [example], pad_id=0)[0], reference, rtol=0, atol=1e-5)
+    assert float(batched[1].max() - batched[1].min()) > 1e-3
+
+
+@pytest.mark.parametrize("arch", PACKED_ARCHITECTURES)
+def test_packed_runs_the_common_start_once_up_to_the_first_scored_position(arch, model_dirs):
+    model, _ = _load(model_dirs[arch])
+    examples = [
+        [([1, 2, 3, 4, 5, 6], 1), ([1, 2, 3, 4, 5, 7], 1)],  # scored from column 4: the common part stops before
+        [([1, 2, 3, 4, 5, 8, 9, 10], 2), ([1, 2, 3, 4, 5, 8, 9, 11, 12], 3)],
+        [([1, 2, 3, 4, 5, 30, 31, 32], 3), ([1, 2, 3, 4, 5, 30, 33], 1)],
+    ]
+    common, rows = common_prefix([pack_example(e) for e in examples], min_tokens=0)
+    assert common == [1, 2, 3, 4] and rows[0].ids == [5] and rows[1].positions[0] == 4
+    assert common_prefix([pack_example(e) for e in examples], min_tokens=9)[0] == []  # saves 2 * 4 tokens only
+    got = packed_log_likelihoods(model, examples, pad_id=0, min_common=0)
+    for scores, example in zip(got, examples, strict=True):
+        torch.testing.assert_close(scores, sequence_log_likelihoods(model, example, pad_id=0), rtol=0, atol=1e-5)
+
+
+class _Ignores(torch.nn.Module):
+    """A model whose forward takes ``position_ids`` and a mask but drops one of them (what the probe must catch)."""
+
+    def __init__(self, model, dropped: str):
+        super().__init__()
+        self.model, self.config, self.dropped = model, model.config, dropped
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        kwargs[self.dropped] = None
+        kwargs.setdefault("attention_mask", attention_mask)
+        kwargs.setdefault("position_ids", position_ids)
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("dropped", ["position_ids", "attention_mask"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packing_probe_rejects_a_model_that_drops_positions_or_the_mask(arch, dropped, model_dirs):
+    model, tok = _load(model_dirs[arch])
+    wrapped = _Ignores(model, dropped).eval()
+    assert packing_is_exact(model) and not packing_is_exact(wrapped)
+    pairs = _cloze_pairs()  # one example per batch: no padding hole that the dropped argument would expose
+    shared = score_pairs(wrapped, tok, pairs, batch_size=1, scoring="shared")
+    _assert_same_probs(shared, score_pairs(model, tok, pairs, scoring="full"))
+
+
 def test_cloze_scores_equal_independent_computation(llama_dir):
     model, tok = _load(llama_dir)
     pairs = _cloze_pairs()
@@ -116,13 +253,14 @@ def _adapted(llama_dir, kind):
         return get_peft_model(model, config).eval(), tok
 
 
+@pytest.mark.parametrize("scoring", ["shared", "cached"])
 @pytest.mark.parametrize("kind", ["lora", "bayeslora"])
-def test_shared_equals_full_with_adapters_and_posterior_samples(kind, llama_dir):
+def test_shared_equals_full_with_adapters_and_posterior_samples(kind, scoring, llama_dir):
     model, tok = _adapted(llama_dir, kind)
     pairs = _cloze_pairs() + _label_pairs()
     with posterior_sample(model, seed=3) if kind == "bayeslora" else torch.no_grad():
         full = score_pairs(model, tok, pairs, batch_size=5, scoring="full")
-        shared = score_pairs(model, tok, pairs, batch_size=5, scoring="shared")
+        shared = score_pairs(model, tok, pairs, batch_size=5, scoring=scoring)
     _assert_same_probs(shared, full)
 
 
@@ -236,6 +374,19 @@ def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
     assert all(float(s.max() - s.min()) > 1e-3 for s in full)
 
 
+@pytest.mark.skipif(not ARC_TEST.is_file(), reason=f"real data not found at {ARC_TEST} (CI has it under ../shared)")
+def test_real_model_packs_and_its_cached_path_equals_full(smollm2_cache):
+    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.cli.modeling import load_prompter
+
+    folder = smollm2_cache[1]
+    model, tok = _load(folder)
+    assert packing_is_exact(model)
+    data = load_eval_set("ARC-Easy", str(ARC_TEST), 3, load_prompter("chat", folder), "cloze")
+    full = score_pairs(model, tok, data.pairs, batch_size=3, scoring="full")
+    _assert_same_probs(score_pairs(model, tok, data.pairs, batch_size=3, scoring="cached"), full)
+
+
 def _brute_force_cost(lengths, overhead):
     """Cheapest split of the sorted lengths into consecutive groups, by trying every set of cut points."""
     import itertools
@@ -273,4 +424,5 @@ def test_shared_equals_full_when_every_option_is_its_own_group(arch, model_dirs,
     monkeypatch.setattr(cs, "_GROUP_OVERHEAD_TOKENS", 0)  # no cost per group: one group per remainder length
     model, tok = _load(model_dirs[arch])
     pairs = _cloze_pairs()
-    _assert_same_probs(score_pairs(model, tok, pairs, batch_size=6), score_pairs(model, tok, pairs, scoring="full"))
+    cached = score_pairs(model, tok, pairs, batch_size=6, scoring="cached")
+    _assert_same_probs(cached, score_pairs(model, tok, pairs, scoring="full"))
