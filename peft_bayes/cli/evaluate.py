@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--choice_scoring",
         default="shared",
         choices=SCORING_PATHS,
-        help="shared = the prompt once per example, options from its KV cache; full = every option as its own "
-        "sequence (the reference path)",
+        help="shared = the shared prompt once: one packed row per example where the model allows (LLaMA, GPT-2, "
+        "OPT, GPT-J, GPT-NeoX), else from its KV cache; cached = the prompt once, the options from its KV cache; "
+        "full = every option as its own sequence (the reference path)",
     )
     b.add_argument("--ood_dataset", default=None, help="multiple-choice OOD test set (resolved via --data_dir)")
     b.add_argument("--ood_data_path", default=None, help="OOD test file (overrides --data_dir for the OOD set)")
