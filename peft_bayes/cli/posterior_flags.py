@@ -159,8 +159,10 @@ def lm_batches(path: str, limit, tokenizer, prompter, batch_size: int, cutoff_le
 def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data: bool, quiet=False):
     """Fits a Laplace posterior on ``fit_path`` (progress on stdout), tunes its prior, saves it to ``folder``."""
     from peft_bayes.posterior import Laplace
+    from peft_bayes.posterior.distributed import barrier, is_main_process
 
     options = laplace_options(args, choice_data)
+    quiet = quiet or not is_main_process()
     posterior = Laplace(model, options)
     size = options.grad_batch_size  # a training-sized batch: the fit keeps the whole graph of a forward pass
     batches = fit_batches(fit_path, args.fit_limit, options.likelihood, model, tokenizer, prompter, args, size)
@@ -179,7 +181,9 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
         val = fit_batches(args.val_data_path, None, options.likelihood, model, tokenizer, prompter, args, size)
         posterior.tune_prior_on_validation(val)
     posterior.fit_seconds = time.perf_counter() - t0
-    posterior.save(folder)
+    if is_main_process():  # under torchrun every rank holds the same posterior; rank 0 writes it
+        posterior.save(folder)
+    barrier()
     if not quiet:
         prior = ", ".join(f"{v:.4g}" for v in posterior.prior_precision.tolist()[:4])
         print(

@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
-        if args.posterior == "laplace":
-            _fit_posterior(args, model, tokenizer, prompter)
+    if args.posterior == "laplace":  # every rank: each fits its share of the data, rank 0 saves
+        _fit_posterior(args, model, tokenizer, prompter)
     _close_process_group()
     return 0
 

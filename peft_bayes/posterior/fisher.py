@@ -173,6 +173,16 @@ class CurvatureAccumulator:
         flat = torch.cat([j.flatten(1) for j in per_unit], 1)  # (units, P)
         self.H += weight * flat.T @ flat
 
+    def all_reduce(self) -> None:
+        """Sums the statistics over the ranks of ``torchrun`` (no-op in one process)."""
+        from peft_bayes.posterior.distributed import all_reduce_sum_, sum_scalars
+
+        if self.structure == "kron":
+            all_reduce_sum_([*self.A, *self.G])
+            (self.count,) = sum_scalars([self.count])
+        else:
+            all_reduce_sum_(self.D if self.structure == "diag" else [self.H])
+
     def blocks(self) -> list[CurvatureBlock]:
         if self.structure == "kron":
             count = max(self.count, 1.0)

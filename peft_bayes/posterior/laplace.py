@@ -33,6 +33,7 @@ from peft_bayes.posterior.curvature import (
     rows_tokens,
     stats_dtype,
 )
+from peft_bayes.posterior.distributed import shard, sum_scalars
 from peft_bayes.posterior.fisher import CurvatureAccumulator, backward_vectors
 from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, row_scores, scores_matrix
 from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
@@ -156,35 +157,39 @@ class Laplace(Posterior):
     # --- fitting ------------------------------------------------------------------------------------------------
     def fit(self, data: Iterable[ChoiceBatch | LMBatch], progress: Progress | None = None) -> None:
         """Accumulates the curvature over ``data`` (batches of the ``likelihood``'s kind) in eval mode, then tunes
-        the prior precision by the marginal likelihood unless ``prior_method`` is ``fixed`` or ``val``."""
+        the prior precision by the marginal likelihood unless ``prior_method`` is ``fixed`` or ``val``.
+
+        Under ``torchrun`` (an initialised process group) every rank passes the same ``data``, accumulates the
+        batches ``rank, rank + world, ...`` and the sums are all-reduced: every rank ends with the posterior of the
+        whole data (``progress`` counts this rank's examples). The mc Fisher's label draws are seeded per batch, so
+        they do not depend on which rank runs a batch.
+        """
         data = list(data)
-        total = sum(b.n_examples for b in data)
         opts = self.options
         acc = CurvatureAccumulator(self.sites, opts.structure, opts.kfac == "reduce", stats_dtype(self.sites))
-        generator = torch.Generator().manual_seed(opts.seed)
-        was_training = self.model.training
-        self.model.eval()
+        mine = shard(list(enumerate(data)))
+        total = sum(b.n_examples for _, b in mine)
         loglik, seen = 0.0, 0
-        try:
-            with Recorder(self.sites) as rec:
-                for batch in data:
-                    outputs, mask, unit, n_units, nll, vectors = backward_vectors(self.model, batch, opts, generator)
-                    acc.forward(rec, mask, unit, n_units)
-                    if isinstance(batch, ChoiceBatch):  # independent rows: one backward for every vector
-                        acc.backward_rows(rec, outputs, vectors, mask, unit, n_units)
-                    else:
-                        for weight, vector in vectors:
-                            acc.backward(rec, outputs, vector, weight, mask, unit, n_units)
-                    loglik -= float(nll)
-                    seen += batch.n_examples
-                    if progress:
-                        progress(seen, total)
-        finally:
-            self.model.train(was_training)
+        with _eval_mode(self.model), Recorder(self.sites) as rec:
+            for index, batch in mine:
+                generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + index)
+                outputs, mask, unit, n_units, nll, vectors = backward_vectors(self.model, batch, opts, generator)
+                acc.forward(rec, mask, unit, n_units)
+                if isinstance(batch, ChoiceBatch):  # independent rows: one backward for every vector
+                    acc.backward_rows(rec, outputs, vectors, mask, unit, n_units)
+                else:
+                    for weight, vector in vectors:
+                        acc.backward(rec, outputs, vector, weight, mask, unit, n_units)
+                loglik -= float(nll)
+                seen += batch.n_examples
+                if progress:
+                    progress(seen, total)
+        acc.all_reduce()
+        loglik, seen = sum_scalars([loglik, seen])
         if not math.isfinite(loglik):
             raise InputError(f"the log-likelihood of the fit data is not finite ({loglik}): check the adapter")
         self.blocks = [b.eigendecompose() for b in acc.blocks()]
-        self.n_data, self.loglik, self.fingerprint = seen, loglik, weights_fingerprint(self.sites)
+        self.n_data, self.loglik, self.fingerprint = int(seen), loglik, weights_fingerprint(self.sites)
         if opts.prior_method == "marglik":
             self.optimize_prior_precision()
 

@@ -1,0 +1,52 @@
+"""Multi-process fitting: under ``torchrun`` every rank accumulates the curvature of its share of the batches, the
+statistics are summed across ranks (all-reduce) before any eigendecomposition, and only rank 0 writes the posterior.
+Sums do not depend on who added what, so N processes give one process's posterior up to the order of float sums."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def shard(items: Sequence) -> list:
+    """This rank's share: items ``rank, rank + world, ...`` (every rank builds the same list)."""
+    rank, world = rank_and_world()
+    return list(items)[rank::world]
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sums each tensor over the ranks in place (no-op in one process)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def sum_scalars(values: Sequence[float]) -> list[float]:
+    """Python floats summed over the ranks (float64)."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    all_reduce_sum_([t])
+    return t.tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.barrier()

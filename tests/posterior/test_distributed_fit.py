@@ -1,0 +1,45 @@
+"""torchrun --nproc_per_node=2 (gloo, CPU): two processes, each fitting its share of the batches with the sums
+all-reduced, give one process's Laplace posterior: the same factors, marginal likelihood and saved files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("dist_fit_worker.py")
+# float64 model and statistics: the two runs differ only in the order of the float sums (per rank, then the
+# all-reduce), ~1e-16 relative per addition; 1e-10 leaves room for the eigendecompositions and the prior search.
+RTOL = 1e-10
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+@pytest.mark.parametrize("structure, fisher", [("kron", "mc"), ("full", "exact")])
+def test_two_processes_fit_one_process_posterior(structure, fisher, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _run([sys.executable, str(WORKER), str(single), structure, fisher])
+    port = "29541" if structure == "kron" else "29542"
+    _run(["torchrun", "--nproc_per_node=2", f"--master_port={port}", str(WORKER), str(multi), structure, fisher])
+    a, b = load_file(single / "posterior.safetensors"), load_file(multi / "posterior.safetensors")
+    assert a.keys() == b.keys() and len(a) > 1
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=RTOL * float(a[key].abs().max()), msg=key)
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (single, multi))
+    assert ra["n_data"] == rb["n_data"] == 10
+    assert rb["lml"] == pytest.approx(ra["lml"], rel=RTOL)
+    ca, cb = (json.loads((d / "posterior_config.json").read_text()) for d in (single, multi))
+    assert ca["fingerprint"] == cb["fingerprint"] and ca["loglik"] == pytest.approx(cb["loglik"], rel=RTOL)
