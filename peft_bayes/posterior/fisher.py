@@ -108,9 +108,13 @@ class CurvatureAccumulator:
             return
         rows = mask.shape[0]
         mask = mask.to(self.A[0].device)
+        computed: dict[tuple, torch.Tensor] = {}  # sites reading the same input (LoRA A of q, k, v) share A
+        count = 0.0
         for i, a in enumerate(rec.inputs):
-            factor, count = input_factor(rows_tokens(a, rows), mask, unit, n_units, self.reduce, self.dtype)
-            self.A[i] += factor
+            key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype)
+            if key not in computed:
+                computed[key], count = input_factor(rows_tokens(a, rows), mask, unit, n_units, self.reduce, self.dtype)
+            self.A[i] += computed[key]
         self.count += count
 
     def backward(self, rec: Recorder, outputs, vector, weight: float, mask, unit, n_units: int) -> None:
