@@ -28,6 +28,8 @@ FIT_FLAGS = {
     "prior_method": "prior_method",
     "prior_precision": "prior_precision",
     "prior_per_layer": "prior_per_layer",
+    "kfac_rank": "kfac_rank",
+    "kfac_threshold": "kfac_threshold",
 }
 # flags that apply to fitting and to a saved posterior alike
 EVAL_FLAGS = {"laplace_predictive": "predictive", "link": "link", "laplace_batch_size": "grad_batch_size"}
@@ -70,6 +72,9 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
     g.add_argument("--laplace_fisher", default=None, choices=FISHERS, help="default mc")
     g.add_argument("--laplace_fisher_samples", type=int, default=None, help="label samples of the mc Fisher (1)")
     g.add_argument("--laplace_kfac", default=None, choices=KFAC_MODES, help="K-FAC over tokens (default expand)")
+    g.add_argument("--kfac_rank", type=int, default=None, help="K-FAC factors wider than --kfac_threshold kept "
+                   "as their top-k eigenpairs + one scalar (streamed; default: dense)")  # fmt: skip
+    g.add_argument("--kfac_threshold", type=int, default=None, help="width above which --kfac_rank applies (2048)")
     g.add_argument("--prior_method", default=None, choices=PRIOR_METHODS, help="prior precision tuning (marglik)")
     g.add_argument("--prior_precision", type=float, default=None, help="fixed / initial prior precision (1.0)")
     g.add_argument("--prior_per_layer", type=str2bool, nargs="?", const=True, default=None, help="one per weight")
@@ -186,6 +191,9 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
     barrier()
     if not quiet:
         prior = ", ".join(f"{v:.4g}" for v in posterior.prior_precision.tolist()[:4])
+        if options.kfac_rank is not None:
+            mass = min(posterior.captured_mass)
+            print(f"low-rank K-FAC factors (rank {options.kfac_rank}): captured eigenvalue mass >= {mass:.4f}")
         print(
             f"Laplace posterior fitted on {posterior.n_data} examples in {posterior.fit_seconds:.1f} s "
             f"(prior precision {prior}{', ...' if posterior.n_priors > 4 else ''}); saved to {folder}"

@@ -146,7 +146,13 @@ class Posterior:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".posterior-", dir=parent)
         try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            state, seen = {}, set()
+            for key, value in self.state_dict().items():
+                value = value.detach().contiguous().cpu()
+                if value.untyped_storage().data_ptr() in seen:  # shared (e.g. one K-FAC input factor): own copy
+                    value = value.clone()
+                seen.add(value.untyped_storage().data_ptr())
+                state[key] = value
             save_file(state, os.path.join(tmp, WEIGHTS_NAME))
             with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
                 json.dump({"posterior": self.name, **self.config()}, f, indent=2)

@@ -150,25 +150,3 @@ def per_unit_gradients(
     per_row = torch.einsum("rto,rti->roi", g.to(dtype), a)
     out = per_row.new_zeros((n_units, *per_row.shape[1:]))
     return out.index_add_(0, unit.to(out.device), per_row)
-
-
-def input_factor(a: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, n_units: int, reduce: bool, dtype):
-    """(Σ a aᵀ (in, in), count): over real tokens (``expand``), or over per-unit token means (``reduce``)."""
-    m = mask.to(dtype)
-    a = a.to(dtype) * m[..., None]
-    if not reduce:
-        flat = a.reshape(-1, a.shape[-1])
-        return flat.T @ flat, float(m.sum())
-    sums = a.new_zeros((n_units, a.shape[-1])).index_add_(0, unit.to(a.device), a.sum(1))
-    counts = m.new_zeros(n_units).index_add_(0, unit.to(m.device), m.sum(1)).clamp_min(1)
-    means = sums / counts[:, None]
-    return means.T @ means, float(n_units)
-
-
-def output_factor(g: torch.Tensor, unit: torch.Tensor, n_units: int, reduce: bool, dtype) -> torch.Tensor:
-    """Σ g gᵀ (out, out): over tokens (``expand``), or over per-unit token sums (``reduce``)."""
-    g = g.to(dtype)
-    if reduce:
-        g = g.new_zeros((n_units, g.shape[-1])).index_add_(0, unit.to(g.device), g.sum(1))
-    flat = g.reshape(-1, g.shape[-1])
-    return flat.T @ flat

@@ -18,13 +18,12 @@ import torch
 from peft_bayes.posterior.curvature import (
     Recorder,
     Site,
-    input_factor,
-    output_factor,
     per_unit_gradients,
     rows_tokens,
 )
+from peft_bayes.posterior.kfac_stats import KronStats
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, lm_logits, row_scores, scores_matrix
-from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
+from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock
 
 
 def _gold(labels: torch.Tensor, what: str) -> torch.Tensor:
@@ -87,14 +86,20 @@ def backward_vectors(model, batch: ChoiceBatch | LMBatch, opts, generator):
 class CurvatureAccumulator:
     """Sums of the curvature statistics of every site over the fit data, in ``dtype``."""
 
-    def __init__(self, sites: list[Site], structure: str, reduce: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        sites: list[Site],
+        structure: str,
+        reduce: bool,
+        dtype: torch.dtype,
+        rank: int | None = None,
+        threshold: int = 2048,
+    ) -> None:
         self.sites, self.structure, self.reduce, self.dtype = sites, structure, reduce, dtype
         device = sites[0].weight.device
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        if structure == "kron":
-            self.A = [zeros(s.shape[1], s.shape[1]) for s in sites]
-            self.G = [zeros(s.shape[0], s.shape[0]) for s in sites]
-            self.count = 0.0  # tokens (expand) or units (reduce): A is an average over them
+        if structure == "kron":  # K-FAC factors, dense or low-rank (kfac_stats.py)
+            self.kron = KronStats(sites, reduce, dtype, rank, threshold)
         elif structure == "diag":
             self.D = [zeros(*s.shape) for s in sites]
         else:
@@ -106,16 +111,8 @@ class CurvatureAccumulator:
         rec.check_recorded()
         if self.structure != "kron":
             return
-        rows = mask.shape[0]
-        mask = mask.to(self.A[0].device)
-        computed: dict[tuple, torch.Tensor] = {}  # sites reading the same input (LoRA A of q, k, v) share A
-        count = 0.0
-        for i, a in enumerate(rec.inputs):
-            key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype)
-            if key not in computed:
-                computed[key], count = input_factor(rows_tokens(a, rows), mask, unit, n_units, self.reduce, self.dtype)
-            self.A[i] += computed[key]
-        self.count += count
+        device = rec.inputs[0].device
+        self.kron.forward(rec.inputs, mask.to(device), unit.to(device), n_units)
 
     def backward(self, rec: Recorder, outputs, vector, weight: float, mask, unit, n_units: int) -> None:
         """One backward vector: the output factors (K-FAC) or the per-example gradients (diag, full)."""
@@ -124,7 +121,7 @@ class CurvatureAccumulator:
         mask = mask.to(grads[0].device)
         if self.structure == "kron":
             for i, g in enumerate(grads):
-                self.G[i] += weight * output_factor(rows_tokens(g, rows), unit, n_units, self.reduce, self.dtype)
+                self.kron.backward(i, rows_tokens(g, rows), weight, unit.to(g.device), n_units)
             return
         per_unit = [
             per_unit_gradients(rows_tokens(a, rows), rows_tokens(g, rows), mask, unit, n_units, self.dtype)
@@ -140,11 +137,11 @@ class CurvatureAccumulator:
         R, device = mask.shape[0], grads[0].device
         mask, unit = mask.to(device), unit.to(device)
         vs = [(w, v.to(device=device, dtype=self.dtype)) for w, v in vectors]
-        gs = [rows_tokens(g, R).to(self.dtype) for g in grads]
         if self.structure == "kron":
-            for i, g in enumerate(gs):
-                self.G[i] += self._row_output_factor(g, vs, unit, n_units)
+            for i, g in enumerate(grads):
+                self.kron.backward_rows(i, rows_tokens(g, R), vs, unit, n_units)
             return
+        gs = [rows_tokens(g, R).to(self.dtype) for g in grads]
         row_index = torch.arange(R, device=device)
         per_row = [
             per_unit_gradients(rows_tokens(a, R), g, mask, row_index, R, self.dtype) for a, g in zip(rec.inputs, gs)
@@ -154,19 +151,6 @@ class CurvatureAccumulator:
                 j.new_zeros((n_units, *j.shape[1:])).index_add_(0, unit, v[:, None, None] * j) for j in per_row
             ]
             self._add_per_unit(w, per_unit)
-
-    def _row_output_factor(self, g: torch.Tensor, vs: list, unit: torch.Tensor, n_units: int) -> torch.Tensor:
-        """Σ_v w_v Σ (v_r g)(v_r g)ᵀ over tokens (expand) or over per-unit sums of v_r Σ_t g_r (reduce)."""
-        if not self.reduce:
-            w_r = sum(w * v.pow(2) for w, v in vs)  # (R,)
-            flat = (g * w_r.sqrt()[:, None, None]).reshape(-1, g.shape[-1])
-            return flat.T @ flat
-        sums = g.sum(1)  # (R, out)
-        out = sums.new_zeros((sums.shape[-1], sums.shape[-1]))
-        for w, v in vs:
-            u = sums.new_zeros((n_units, sums.shape[-1])).index_add_(0, unit, v[:, None] * sums)
-            out += w * u.T @ u
-        return out
 
     def _add_per_unit(self, weight: float, per_unit: list[torch.Tensor]) -> None:
         """Per-unit gradients (n_units, out, in) of every site for one vector: squared (diag) or outer (full)."""
@@ -179,18 +163,16 @@ class CurvatureAccumulator:
 
     def all_reduce(self) -> None:
         """Sums the statistics over the ranks of ``torchrun`` (no-op in one process)."""
-        from peft_bayes.posterior.distributed import all_reduce_sum_, sum_scalars
+        from peft_bayes.posterior.distributed import all_reduce_sum_
 
         if self.structure == "kron":
-            all_reduce_sum_([*self.A, *self.G])
-            (self.count,) = sum_scalars([self.count])
+            self.kron.all_reduce()
         else:
             all_reduce_sum_(self.D if self.structure == "diag" else [self.H])
 
     def blocks(self) -> list[CurvatureBlock]:
         if self.structure == "kron":
-            count = max(self.count, 1.0)
-            return [KronBlock(G, A / count) for G, A in zip(self.G, self.A)]
+            return self.kron.blocks()
         if self.structure == "diag":
             return [DiagBlock(d) for d in self.D]
         return [DenseBlock(self.H)]

@@ -36,6 +36,7 @@ from peft_bayes.posterior.curvature import (
 from peft_bayes.posterior.distributed import shard, sum_scalars
 from peft_bayes.posterior.fisher import CurvatureAccumulator, backward_vectors
 from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, row_scores, scores_matrix
+from peft_bayes.posterior.lowrank import LowRankKronBlock
 from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 
 STRUCTURES = ("kron", "diag", "full")
@@ -45,7 +46,12 @@ KFAC_MODES = ("expand", "reduce")
 PRIOR_METHODS = ("marglik", "val", "fixed")
 LINKS = ("probit", "mc")
 PREDICTIVES = ("glm", "nn")
-BLOCK_TYPES: dict[str, type[CurvatureBlock]] = {"kron": KronBlock, "diag": DiagBlock, "full": DenseBlock}
+BLOCK_TYPES: dict[str, type[CurvatureBlock]] = {
+    "kron": KronBlock,
+    "kron_lowrank": LowRankKronBlock,
+    "diag": DiagBlock,
+    "full": DenseBlock,
+}
 PRIOR_GRID = tuple(10.0 ** (k / 4) for k in range(-12, 25))  # 1e-3 ... 1e6, four per decade
 
 Progress = Callable[[int, int], None]
@@ -72,6 +78,8 @@ class LaplaceOptions:
     predictive: str = "glm"
     link: str = "probit"
     seed: int = 0  # label sampling of the mc Fisher
+    kfac_rank: int | None = None  # factors wider than kfac_threshold: top-k eigenpairs + one scalar (None: dense)
+    kfac_threshold: int = 2048
     grad_batch_size: int = 4  # examples per differentiable batch of the GLM predictive (memory: a training batch)
 
     def __post_init__(self) -> None:
@@ -88,6 +96,10 @@ class LaplaceOptions:
             _choice(flag, value, allowed)
         if not (self.prior_precision > 0 and math.isfinite(self.prior_precision)):
             raise InputError(f"--prior_precision must be a positive number, got {self.prior_precision}")
+        if self.kfac_rank is not None and (self.kfac_rank < 1 or self.structure != "kron"):
+            raise InputError(f"--kfac_rank needs --laplace_structure kron and a positive rank, got {self.kfac_rank}")
+        if self.kfac_threshold < 1:
+            raise InputError(f"--kfac_threshold must be a positive width, got {self.kfac_threshold}")
         if self.grad_batch_size < 1:
             raise InputError(f"--laplace_batch_size must be a positive number of examples, got {self.grad_batch_size}")
         if self.fisher_samples < 1:
@@ -123,6 +135,7 @@ class Laplace(Posterior):
         self.n_data = 0
         self.loglik = 0.0
         self.fingerprint: str | None = None
+        self.captured_mass: list[float] = [1.0] * len(self.sites)  # per site, with low-rank factors
 
     # --- sizes ---------------------------------------------------------------------------------------------------
     @property
@@ -166,7 +179,14 @@ class Laplace(Posterior):
         """
         data = list(data)
         opts = self.options
-        acc = CurvatureAccumulator(self.sites, opts.structure, opts.kfac == "reduce", stats_dtype(self.sites))
+        acc = CurvatureAccumulator(
+            self.sites,
+            opts.structure,
+            opts.kfac == "reduce",
+            stats_dtype(self.sites),
+            opts.kfac_rank,
+            opts.kfac_threshold,
+        )
         mine = shard(list(enumerate(data)))
         total = sum(b.n_examples for _, b in mine)
         loglik, seen = 0.0, 0
@@ -189,6 +209,7 @@ class Laplace(Posterior):
         if not math.isfinite(loglik):
             raise InputError(f"the log-likelihood of the fit data is not finite ({loglik}): check the adapter")
         self.blocks = [b.eigendecompose() for b in acc.blocks()]
+        self.captured_mass = acc.kron.captured_mass() if opts.structure == "kron" else [1.0] * len(self.sites)
         self.n_data, self.loglik, self.fingerprint = int(seen), loglik, weights_fingerprint(self.sites)
         if opts.prior_method == "marglik":
             self.optimize_prior_precision()
@@ -316,6 +337,8 @@ class Laplace(Posterior):
             "loglik": self.loglik,
             "fingerprint": self.fingerprint,
             "prior_precision": self.prior_precision.tolist(),
+            "block_kinds": [b.kind for b in self._require_fit()],
+            "captured_mass": self.captured_mass,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -341,14 +364,16 @@ class Laplace(Posterior):
                 "the saved Laplace posterior was fitted on other adapter weights (fingerprint differs): refit it "
                 "with --fit_data_path"
             )
-        block_type = BLOCK_TYPES[self.options.structure]
+        kinds = config.get("block_kinds") or [self.options.structure] * self.n_blocks
         device = self.sites[0].weight.device
         self.blocks = []
         for b in range(self.n_blocks):
+            block_type = BLOCK_TYPES[kinds[b]]
             part = {k.split(".", 1)[1]: v.to(device) for k, v in state.items() if k.startswith(f"block{b}.")}
             self.blocks.append(block_type.from_state_dict(part).eigendecompose())
         self.prior_precision = state["prior_precision"].to(torch.float64)
         self.n_data, self.loglik, self.fingerprint = config["n_data"], config["loglik"], config["fingerprint"]
+        self.captured_mass = config.get("captured_mass", [1.0] * len(self.sites))
 
 
 @contextlib.contextmanager

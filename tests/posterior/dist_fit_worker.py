@@ -1,5 +1,6 @@
 """Worker of test_distributed_fit: fits a Laplace posterior on a fixed tiny model and data, in one process or under
-``torchrun`` (gloo), and (rank 0) saves it with its log marginal likelihood. Usage: worker.py OUT STRUCTURE FISHER."""
+``torchrun`` (gloo), and (rank 0) saves it with its log marginal likelihood.
+Usage: worker.py OUT STRUCTURE FISHER [KFAC_RANK] (low-rank factors above width 8)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import torch
 
 
-def main(out: str, structure: str, fisher: str) -> None:
+def main(out: str, structure: str, fisher: str, kfac_rank: str | None = None) -> None:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
 
@@ -33,7 +34,8 @@ def main(out: str, structure: str, fisher: str) -> None:
     options = [example_options(r, task) for r in records]
     pairs = [label_pairs(r["instruction"], o) for r, o in zip(records, options)]
     batches = PairScorer(model, tok, pairs, 2, "full", "none", gold_indices(records, options, "fit")).batches()
-    laplace = Laplace(model, structure=structure, fisher=fisher, fisher_samples=2)
+    low_rank = {"kfac_rank": int(kfac_rank), "kfac_threshold": 8} if kfac_rank else {}
+    laplace = Laplace(model, structure=structure, fisher=fisher, fisher_samples=2, **low_rank)
     laplace.fit(batches)
     if not dist.is_initialized() or dist.get_rank() == 0:
         laplace.save(out)
@@ -45,4 +47,4 @@ def main(out: str, structure: str, fisher: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

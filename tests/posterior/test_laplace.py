@@ -389,3 +389,36 @@ def test_empirical_fisher_needs_gold_labels(setup):
     batch.labels = torch.full_like(batch.labels, -1)
     with pytest.raises(InputError, match="needs the gold answer of every fit example"):
         Laplace(model, fisher="empirical").fit([batch])
+
+
+# --- low-rank K-FAC factors ------------------------------------------------------------------------------------------
+def test_low_rank_factors_at_full_rank_equal_dense_factors(setup):
+    model, fit_batches, _, test_batches, _ = setup
+    dense = fitted(model, fit_batches, structure="kron")
+    low = fitted(model, fit_batches, structure="kron", kfac_rank=64, kfac_threshold=15)  # every wide factor streamed
+    assert {b.kind for b in low.blocks} == {"kron_lowrank"}  # every weight has one factor wider than 15
+    assert low.captured_mass == pytest.approx([1.0] * len(low.sites), abs=1e-12)
+    torch.testing.assert_close(low.log_marginal_likelihood(), dense.log_marginal_likelihood(), rtol=1e-9, atol=0)
+    f_low, (cov_low,) = low.glm_moments(test_batches[0])
+    f_dense, (cov_dense,) = dense.glm_moments(test_batches[0])
+    torch.testing.assert_close(f_low, f_dense, **F64)
+    torch.testing.assert_close(cov_low, cov_dense, rtol=1e-8, atol=1e-12 * float(cov_dense.abs().max()))
+
+
+def test_low_rank_factors_truncate_report_and_round_trip(setup, tmp_path):
+    model, fit_batches, test_scorer, _, _ = setup
+    dense = fitted(model, fit_batches, structure="kron")
+    low = fitted(model, fit_batches, structure="kron", kfac_rank=3, kfac_threshold=15)
+    assert all(0 < m <= 1 for m in low.captured_mass) and min(low.captured_mass) < 0.999
+    lml_low, lml_dense = float(low.log_marginal_likelihood()), float(dense.log_marginal_likelihood())
+    assert math.isfinite(lml_low) and lml_low != pytest.approx(lml_dense, rel=1e-6)
+    low.save(str(tmp_path / "low"))
+    again = load_posterior(model, str(tmp_path / "low"))
+    assert [b.kind for b in again.blocks] == [b.kind for b in low.blocks]
+    for p, q in zip(low.option_probs(test_scorer, 0, 0), again.option_probs(test_scorer, 0, 0)):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_low_rank_needs_kron():
+    with pytest.raises(InputError, match="^--kfac_rank needs --laplace_structure kron"):
+        LaplaceOptions(structure="diag", kfac_rank=4)
