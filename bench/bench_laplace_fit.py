@@ -64,25 +64,33 @@ def load(args):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if getattr(args, "adapter", None):  # a trained adapter folder (bench_kfac.py --adapter)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, args.adapter).eval(), tok
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.target_modules.split(","),
                         init_lora_weights=False)  # fmt: skip
     return get_peft_model(model, config).eval(), tok
 
 
-def batches(args, model, tok):
+def batches(args, model, tok, path=None, n=None):
+    """``n`` questions of ``path`` (default ``--data_path``, or synthetic ones) as differentiable choice batches."""
     from peft_bayes.cli.evaluate import load_eval_set
     from peft_bayes.data.prompts import Prompter
     from peft_bayes.evaluation.predictive import PairScorer
 
-    path = args.data_path
+    n = n or args.n
+    path = path or args.data_path
     if path is None:
         from peft_bayes.data.synthetic import make_choice_problems
 
         path = os.path.join(args.output_dir, ".laplace_fit_questions.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(make_choice_problems(args.n, seed=0, n_options=4), f)
+            json.dump(make_choice_problems(n, seed=0, n_options=4), f)
     fmt = "label" if args.data_path is None else "cloze"
-    data = load_eval_set("fit", path, args.n, Prompter.from_name("alpaca_short"), fmt)
+    template = getattr(args, "prompt_template", "alpaca_short")
+    prompter = Prompter.from_name(template, tokenizer=tok)
+    data = load_eval_set("fit", path, n, prompter, fmt)
     return PairScorer(model, tok, data.pairs, args.batch_size, "full", "none", data.golds).batches()
 
 

@@ -196,7 +196,8 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
             print(f"low-rank K-FAC factors (rank {options.kfac_rank}): captured eigenvalue mass >= {mass:.4f}")
         print(
             f"Laplace posterior fitted on {posterior.n_data} examples in {posterior.fit_seconds:.1f} s "
-            f"(prior precision {prior}{', ...' if posterior.n_priors > 4 else ''}); saved to {folder}"
+            f"(prior precision {prior}{', ...' if posterior.n_priors > 4 else ''}, log marginal likelihood "
+            f"{float(posterior.log_marginal_likelihood()):.4g}); saved to {folder}"
         )
     return posterior
 

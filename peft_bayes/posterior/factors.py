@@ -41,10 +41,10 @@ class DenseFactor:
 
 
 class StreamFactor:
-    """Top-``rank`` eigenpairs + one scalar of the sum (float64 stream)."""
+    """Top-``rank`` eigenpairs + one scalar of the sum (a float64 stream; the result in ``dtype``, as dense factors)."""
 
-    def __init__(self, dim: int, rank: int, device) -> None:
-        self.stream = StreamingEigen(dim, rank, device=device)
+    def __init__(self, dim: int, rank: int, dtype: torch.dtype, device) -> None:
+        self.stream, self.dtype = StreamingEigen(dim, rank, device=device), dtype
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None, row_weight: torch.Tensor | None = None) -> None:
         x = x.detach()
@@ -72,7 +72,7 @@ class StreamFactor:
         self.stream = StreamingEigen.from_states(states)
 
     def result(self, scale: float = 1.0) -> EigenFactor:
-        return self.stream.finalize().scaled(scale)
+        return self.stream.finalize(self.dtype).scaled(scale)
 
     @property
     def captured_mass(self) -> float:
@@ -82,5 +82,5 @@ class StreamFactor:
 def make_factor(dim: int, dtype: torch.dtype, device, rank: int | None, threshold: int):
     """A ``StreamFactor`` when ``rank`` is set and ``dim`` exceeds ``threshold``, else a ``DenseFactor``."""
     if rank is not None and dim > threshold:
-        return StreamFactor(dim, rank, device)
+        return StreamFactor(dim, rank, dtype, device)
     return DenseFactor(dim, dtype, device)

@@ -177,6 +177,25 @@ class Laplace(Posterior):
         whole data (``progress`` counts this rank's examples). The mc Fisher's label draws are seeded per batch, so
         they do not depend on which rank runs a batch.
         """
+        opts = self.options
+        acc, loglik, seen = self.accumulate(data, progress)
+        acc.all_reduce()
+        loglik, seen = sum_scalars([loglik, seen])
+        if not math.isfinite(loglik):
+            raise InputError(f"the log-likelihood of the fit data is not finite ({loglik}): check the adapter")
+        self.blocks = [b.eigendecompose() for b in acc.blocks()]
+        self.captured_mass = acc.kron.captured_mass() if opts.structure == "kron" else [1.0] * len(self.sites)
+        self.n_data, self.loglik, self.fingerprint = int(seen), loglik, weights_fingerprint(self.sites)
+        if opts.prior_method == "marglik":
+            self.optimize_prior_precision()
+
+    def accumulate(self, data: Iterable[ChoiceBatch | LMBatch], progress: Progress | None = None):
+        """The curvature pass of ``fit`` over this rank's share of ``data``: forward, the Fisher's backward vectors
+        and the statistics of every site (no all-reduce, eigendecomposition or prior search).
+
+        Returns:
+            ``(CurvatureAccumulator, log-likelihood, examples seen)`` of this rank.
+        """
         data = list(data)
         opts = self.options
         acc = CurvatureAccumulator(
@@ -204,15 +223,7 @@ class Laplace(Posterior):
                 seen += batch.n_examples
                 if progress:
                     progress(seen, total)
-        acc.all_reduce()
-        loglik, seen = sum_scalars([loglik, seen])
-        if not math.isfinite(loglik):
-            raise InputError(f"the log-likelihood of the fit data is not finite ({loglik}): check the adapter")
-        self.blocks = [b.eigendecompose() for b in acc.blocks()]
-        self.captured_mass = acc.kron.captured_mass() if opts.structure == "kron" else [1.0] * len(self.sites)
-        self.n_data, self.loglik, self.fingerprint = int(seen), loglik, weights_fingerprint(self.sites)
-        if opts.prior_method == "marglik":
-            self.optimize_prior_precision()
+        return acc, loglik, seen
 
     def log_marginal_likelihood(self, prior_precision: torch.Tensor | None = None) -> torch.Tensor:
         """log p(D) ≈ log p(D | θ*) - ½ (log det P - log det δI) - ½ θ*ᵀ δ θ* (prior mean 0), differentiable in
@@ -337,6 +348,7 @@ class Laplace(Posterior):
             "loglik": self.loglik,
             "fingerprint": self.fingerprint,
             "prior_precision": self.prior_precision.tolist(),
+            "log_marginal_likelihood": float(self.log_marginal_likelihood()),
             "block_kinds": [b.kind for b in self._require_fit()],
             "captured_mass": self.captured_mass,
         }

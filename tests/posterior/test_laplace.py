@@ -422,3 +422,13 @@ def test_low_rank_factors_truncate_report_and_round_trip(setup, tmp_path):
 def test_low_rank_needs_kron():
     with pytest.raises(InputError, match="^--kfac_rank needs --laplace_structure kron"):
         LaplaceOptions(structure="diag", kfac_rank=4)
+
+
+def test_low_rank_factors_on_a_float32_model(setup):
+    """fp32 adapters: dense (kernel, fp32) and streamed (float64, returned in fp32) factors of one weight combine."""
+    model, fit_batches, _, test_batches, _ = setup
+    dense = fitted(model, fit_batches, structure="kron")
+    low = fitted(copy.deepcopy(model).float(), fit_batches, structure="kron", kfac_rank=64, kfac_threshold=15)
+    assert {b.kind for b in low.blocks} == {"kron_lowrank"} and {b.dtype for b in low.blocks} == {torch.float32}
+    lml_low, lml_dense = float(low.log_marginal_likelihood()), float(dense.log_marginal_likelihood())
+    assert lml_low == pytest.approx(lml_dense, rel=1e-4)
