@@ -89,3 +89,26 @@ def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_a
     b = load_file(launched / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_train_fits_laplace_on_all_the_data(llama_dir, data_file, tmp_path, train_argv):
+    """train.py --posterior laplace under torchrun: every rank fits its share, the sums are all-reduced, rank 0
+    saves; the posterior covers every training example and matches one process's (same adapter up to 1e-5)."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--lora_dropout", "0",
+              "--posterior", "laplace"]  # fmt: skip
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
+    _run(
+        ["torchrun", "--nproc_per_node=2", "--master_port=29535", "train.py",
+         *train_argv(llama_dir, data_file, multi), *common],
+        env,
+    )  # fmt: skip
+    a, b = (json.loads((d / "posterior" / "laplace" / "posterior_config.json").read_text()) for d in (single, multi))
+    n_records = len(json.loads(Path(data_file).read_text()))
+    assert a["n_data"] == b["n_data"] == n_records
+    assert b["log_marginal_likelihood"] == pytest.approx(a["log_marginal_likelihood"], rel=1e-3)
+    assert b["loglik"] == pytest.approx(a["loglik"], rel=1e-3)
