@@ -7,14 +7,20 @@ from __future__ import annotations
 from peft_bayes.errors import InputError
 from peft_bayes.posterior.base import OptionScorer, Posterior, posterior_folder, read_saved, sample_seed
 from peft_bayes.posterior.bayeslora import BayesLoraPosterior
+from peft_bayes.posterior.ensemble import Ensemble
 from peft_bayes.posterior.laplace import Laplace, LaplaceOptions
 from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch
+from peft_bayes.posterior.mc_dropout import MCDropout
 from peft_bayes.posterior.point import PointEstimate
+from peft_bayes.posterior.temperature import TemperatureScaling
 
 POSTERIORS: dict[str, type[Posterior]] = {
     PointEstimate.name: PointEstimate,
     BayesLoraPosterior.name: BayesLoraPosterior,
     Laplace.name: Laplace,
+    MCDropout.name: MCDropout,
+    Ensemble.name: Ensemble,
+    TemperatureScaling.name: TemperatureScaling,
 }
 
 
@@ -48,12 +54,15 @@ __all__ = [
     "POSTERIORS",
     "BayesLoraPosterior",
     "ChoiceBatch",
+    "Ensemble",
     "LMBatch",
     "Laplace",
     "LaplaceOptions",
+    "MCDropout",
     "OptionScorer",
     "PointEstimate",
     "Posterior",
+    "TemperatureScaling",
     "default_posterior",
     "load_posterior",
     "posterior_class",

@@ -1,0 +1,172 @@
+"""MC dropout (Gal & Ghahramani 2016): the adapter's dropout kept on at evaluation, one fixed mask per pass.
+
+A sample is one Bernoulli mask per dropout module of the active adapter, over the dropout's input features:
+``(d_in,)`` with values 0 or ``1 / (1 - p)``, shared by every token and example of the pass. Dropping input feature
+j of a LoRA layer is dropping column j of ``lora_A`` (of the bottleneck's down projection): each mask is a sample of
+the adapter's weights, so batched scores equal one-at-a-time scores and a pass is reproducible from its seed alone.
+(Training-time dropout draws a fresh mask per token; fixing one per pass is what makes a pass a weight sample.)
+
+The masks are applied by forward hooks on the dropout modules (PEFT LoRA's ``lora_dropout[adapter]``, our adapters'
+``<prefix>dropout[adapter]``): the hook replaces the module's output by ``input * mask``, in train or eval mode
+alike, and is removed when the pass ends.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peft_bayes.errors import InputError
+from peft_bayes.posterior.base import Posterior
+
+
+def feature_mask(width: int, rate: float, seed: int) -> torch.Tensor:
+    """(width,) float64 inverted-dropout mask drawn from ``seed``: 0 with probability ``rate``, else 1 / (1 - rate)
+    (cast to the input's dtype where it is applied)."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(width, generator=generator, dtype=torch.float64) >= rate
+    return keep.to(torch.float64) / (1.0 - rate)
+
+
+def module_seed(seed: int, index: int) -> int:
+    """Seed of the mask of dropout module ``index`` in the pass drawn from ``seed`` (distinct pairs for index < 1e6+3);
+    a mask depends on the pass and the module only, never on the order modules run in."""
+    return (seed * 1_000_003 + index) % (1 << 63)
+
+
+def dropout_modules(model) -> list[tuple[str, nn.Module]]:
+    """(name, dropout module) of every adapter layer of the active adapter(s), in module order.
+
+    Any PEFT tuner layer keeps its dropout per adapter in a ``ModuleDict`` listed in ``other_param_names`` whose name
+    ends in ``dropout`` (LoRA's ``lora_dropout``, ``bottleneck_dropout``, ``parallel_dropout``); an ``nn.Identity``
+    there is an adapter trained without dropout.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = getattr(model, "active_adapters", None)  # a PeftModel's list (transformers' models have a method)
+    active = list(names) if isinstance(names, (list, tuple)) else []
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attr in module.other_param_names:
+            held = getattr(module, attr, None)
+            if not (attr.endswith("dropout") and isinstance(held, nn.ModuleDict)):
+                continue
+            for adapter in active:
+                if adapter in held:
+                    if adapter in getattr(module, "lora_variant", {}):  # DoRA & co. skip dropout in eval mode
+                        raise InputError(
+                            f"--posterior mc_dropout supports plain LoRA, not LoRA variants such as DoRA ({name})"
+                        )
+                    if getattr(module, "merged", False):
+                        raise InputError(f"--posterior mc_dropout needs an unmerged adapter; {name} is merged")
+                    found.append((f"{name}.{attr}.{adapter}", held[adapter]))
+    return found
+
+
+def module_rate(module: nn.Module) -> float:
+    """The dropout rate of an adapter's dropout module (0 for ``nn.Identity``)."""
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+class DropoutMasks:
+    """Context of one MC-dropout pass: each dropout module multiplies its input by its own fixed mask.
+
+    Masks are drawn on a module's first call of the pass (its width is the input's last dimension) and kept in
+    ``masks`` (module name -> (d_in,) mask) for the rest of the pass; leaving the context removes the hooks.
+    """
+
+    def __init__(self, model, modules: list[tuple[str, nn.Module, float]], seed: int) -> None:
+        self.model, self.modules, self.seed = model, modules, seed
+        self.masks: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, index: int, name: str, rate: float):
+        cached: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> the mask there
+
+        def hook(module, args, output):
+            x = args[0]
+            if name not in self.masks:
+                self.masks[name] = feature_mask(x.shape[-1], rate, module_seed(self.seed, index))
+            mask = self.masks[name]
+            if mask.numel() != x.shape[-1]:
+                raise RuntimeError(f"{name}: dropout input width {x.shape[-1]} changed within a pass ({mask.numel()})")
+            key = (x.device, x.dtype)
+            if key not in cached:
+                cached[key] = mask.to(device=x.device, dtype=x.dtype)
+            return x * cached[key]
+
+        return hook
+
+    def __enter__(self):
+        try:
+            for index, (name, module, rate) in enumerate(self.modules):
+                self._handles.append(module.register_forward_hook(self._hook(index, name, rate)))
+        except BaseException:
+            self._remove()
+            raise
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class MCDropout(Posterior):
+    """MC dropout over the active adapter of a ``PeftModel`` (see the module docstring).
+
+    Args:
+        model: The ``PeftModel``.
+        rate: Dropout rate of every adapter dropout module; None: each module's own (the rate the adapter was
+            trained with), which must then be > 0 somewhere.
+    """
+
+    name: ClassVar[str] = "mc_dropout"
+    default_samples: ClassVar[int] = 10
+
+    def __init__(self, model, rate: float | None = None) -> None:
+        super().__init__(model)
+        if rate is not None and not 0.0 <= rate < 1.0:
+            raise InputError(f"the MC dropout rate must be in [0, 1), got {rate}")
+        found = dropout_modules(model)
+        if not found:
+            raise InputError(
+                "--posterior mc_dropout needs an adapter with dropout modules (lora, bottleneck, parallel); "
+                "this model's active adapter has none"
+            )
+        rates = [module_rate(m) if rate is None else float(rate) for _, m in found]
+        if rate is None and max(rates) == 0.0:
+            raise InputError(
+                "--posterior mc_dropout needs an adapter trained with dropout (lora_dropout / adapter_dropout > 0); "
+                "this one has none: retrain with dropout or give a rate explicitly"
+            )
+        self.rate = rate
+        self.modules = [(n, m, r) for (n, m), r in zip(found, rates) if r > 0 or rate is not None]
+
+    @property
+    def rates(self) -> dict[str, float]:
+        """Dropout rate per module name, as the samples use it."""
+        return {n: r for n, _, r in self.modules}
+
+    def mean(self) -> AbstractContextManager:
+        """The adapter without dropout (in train mode too: every mask is all ones)."""
+        return DropoutMasks(self.model, [(n, m, 0.0) for n, m, _ in self.modules], 0)
+
+    def sample(self, seed: int) -> AbstractContextManager:
+        """One fixed dropout mask per module for a whole pass, drawn from ``seed``."""
+        return DropoutMasks(self.model, self.modules, seed)
+
+    def config(self) -> dict:
+        return {"rate": self.rate}
+
+    @classmethod
+    def from_config(cls, model, config: dict) -> MCDropout:
+        return cls(model, config.get("rate"))
