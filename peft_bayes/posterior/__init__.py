@@ -11,7 +11,9 @@ from peft_bayes.posterior.ensemble import Ensemble
 from peft_bayes.posterior.laplace import Laplace, LaplaceOptions
 from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch
 from peft_bayes.posterior.mc_dropout import MCDropout
+from peft_bayes.posterior.multiswag import MultiSwag
 from peft_bayes.posterior.point import PointEstimate
+from peft_bayes.posterior.swag import Swag, SwagCollector, SwagOptions
 from peft_bayes.posterior.temperature import TemperatureScaling
 
 POSTERIORS: dict[str, type[Posterior]] = {
@@ -21,6 +23,8 @@ POSTERIORS: dict[str, type[Posterior]] = {
     MCDropout.name: MCDropout,
     Ensemble.name: Ensemble,
     TemperatureScaling.name: TemperatureScaling,
+    Swag.name: Swag,
+    MultiSwag.name: MultiSwag,
 }
 
 
@@ -59,9 +63,13 @@ __all__ = [
     "Laplace",
     "LaplaceOptions",
     "MCDropout",
+    "MultiSwag",
     "OptionScorer",
     "PointEstimate",
     "Posterior",
+    "Swag",
+    "SwagCollector",
+    "SwagOptions",
     "TemperatureScaling",
     "default_posterior",
     "load_posterior",
