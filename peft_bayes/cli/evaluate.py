@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 from peft_bayes.cli import adapters
 from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
-from peft_bayes.cli.posterior_flags import add_posterior_flags, check_posterior_flags, resolve_posterior
+from peft_bayes.cli.posterior_flags import (
+    MEMBER_POSTERIORS,
+    STOCHASTIC_POSTERIORS,
+    add_posterior_flags,
+    check_posterior_flags,
+    resolve_posterior,
+)
 from peft_bayes.data.answers import TaskSpec
 from peft_bayes.data.choices import CHOICE_FORMATS
 from peft_bayes.errors import InputError
@@ -153,7 +159,7 @@ def load_eval_model(args):
     model = load_base_model(
         base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code
     )
-    if args.adapter:
+    if args.adapter and getattr(args, "posterior", None) not in MEMBER_POSTERIORS:  # members: the posterior loads them
         if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             raise InputError(f"--adapter {args.adapter!r}: no adapter_config.json there")
         try:
@@ -304,13 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"--ood_dataset needs multiple-choice test sets (option scoring); {data.name} is a "
                 f"{data.task.kind!r} task and {ood.name} a {ood.task.kind!r} task"
             )
-    stochastic = args.posterior == "laplace" or (
+    stochastic = args.posterior in STOCHASTIC_POSTERIORS or (
         args.posterior in ("auto", "bayeslora") and _saved_peft_type(args.adapter) == "BAYESLORA"
     )
     if args.samples and not stochastic:  # fail before loading the model
         predictive.resolve_samples(args.samples, None)
     model, tokenizer = load_eval_model(args)
     args.posterior_object = resolve_posterior(args, model, tokenizer, prompter, data.task.kind == "choice")
+    model = args.posterior_object.model  # an ensemble's members join the model as named adapters
     samples = predictive.resolve_samples(args.samples, model, args.posterior_object)
     t0 = time.perf_counter()
     probs, ood_rows = None, None
@@ -370,6 +377,10 @@ def _posterior_summary(posterior) -> dict:
         out["laplace"]["prior_precision"] = posterior.prior_precision.tolist()
         if hasattr(posterior, "fit_seconds"):
             out["laplace"]["fit_seconds"] = round(posterior.fit_seconds, 3)
+    elif posterior.name not in ("map", "bayeslora"):  # the posterior's own settings (temperature, members, rate)
+        out[posterior.name] = posterior.config()
+    if posterior.name == "mc_dropout":  # the rates in use (the adapter's own where no --mc_dropout_rate)
+        out["mc_dropout"]["rates"] = sorted(set(posterior.rates.values()))
     return out
 
 

@@ -13,10 +13,13 @@ import os
 import time
 from dataclasses import fields
 
-from peft_bayes.cli.common import str2bool
+from peft_bayes.cli.common import comma_list, str2bool
 from peft_bayes.errors import InputError
 
-POSTERIOR_CHOICES = ("auto", "map", "bayeslora", "laplace")
+POSTERIOR_CHOICES = ("auto", "map", "bayeslora", "laplace", "temperature", "mc_dropout", "ensemble")
+FIT_POSTERIORS = ("laplace", "temperature")  # fitted on --fit_data_path after training, saved next to the adapter
+MEMBER_POSTERIORS = ("ensemble",)  # --adapter and --members are the member adapters
+STOCHASTIC_POSTERIORS = ("laplace", "mc_dropout", "ensemble")  # --samples N > 0 may apply before the model loads
 # flag -> LaplaceOptions field; the fit settings first, then the two that a saved posterior also takes.
 FIT_FLAGS = {
     "laplace_subset": "subset",
@@ -58,7 +61,12 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
         + ("" if training else "; auto: the adapter's own (bayeslora) or none (map)"),
     )
     if not training:
-        g.add_argument("--fit_data_path", default=None, help="data to fit the posterior on (e.g. a train.json)")
+        g.add_argument("--fit_data_path", default=None, help="data to fit the posterior on: laplace, a train.json; "
+                       "temperature, a validation set with gold answers")  # fmt: skip
+        g.add_argument("--members", type=comma_list, default=None, help="ensemble: more member adapter folders "
+                       "(comma-separated), beside --adapter")  # fmt: skip
+        g.add_argument("--mc_dropout_rate", type=float, default=None, help="mc_dropout: the dropout rate (default: "
+                       "the adapter's own)")  # fmt: skip
     g.add_argument("--fit_limit", type=int, default=None, help="fit on the first N examples only")
     g.add_argument("--val_data_path", default=None, help="validation data of --prior_method val")
     g.add_argument(
@@ -86,23 +94,39 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
     )  # fmt: skip
 
 
+def _only_for(args, flags, posteriors: tuple[str, ...]) -> None:
+    """A one-line error for the first of ``flags`` given with a ``--posterior`` outside ``posteriors``."""
+    stray = [f for f in flags if getattr(args, f, None) is not None]
+    if stray and args.posterior not in posteriors:
+        names = " / ".join(posteriors)
+        raise InputError(f"--{stray[0]} applies to --posterior {names} only (got --posterior {args.posterior})")
+
+
 def check_posterior_flags(args) -> None:
     """One-line errors for posterior flags that do not apply."""
-    given = [f for f in (*FIT_FLAGS, *EVAL_FLAGS, "val_data_path", "fit_limit") if getattr(args, f, None) is not None]
-    fit_path = getattr(args, "fit_data_path", None)
+    _only_for(args, (*FIT_FLAGS, *EVAL_FLAGS, "val_data_path"), ("laplace",))
+    _only_for(args, ("fit_data_path", "fit_limit"), FIT_POSTERIORS)
+    _only_for(args, ("members",), MEMBER_POSTERIORS)
+    _only_for(args, ("mc_dropout_rate",), ("mc_dropout",))
+    if args.fit_limit is not None and args.fit_limit <= 0:
+        raise InputError(f"--fit_limit must be a positive number of examples, got {args.fit_limit}")
+    rate = getattr(args, "mc_dropout_rate", None)
+    if rate is not None and not 0 <= rate < 1:
+        raise InputError(f"--mc_dropout_rate must be in [0, 1), got {rate}")
+    if args.posterior in MEMBER_POSTERIORS:
+        members = ([args.adapter] if args.adapter else []) + list(args.members or [])
+        if len(members) < 2:
+            raise InputError(f"--posterior {args.posterior} needs at least two member adapters (--adapter and "
+                             f"--members DIR,...), got {len(members)}")  # fmt: skip
     if args.posterior != "laplace":
-        stray = given + (["fit_data_path"] if fit_path else [])
-        if stray:
-            raise InputError(f"--{stray[0]} applies to --posterior laplace only (got --posterior {args.posterior})")
         return
+    fit_path = getattr(args, "fit_data_path", None)
     if fit_path is None and hasattr(args, "fit_data_path"):  # evaluate.py reusing a saved posterior
         fit_only = [f for f in (*FIT_FLAGS, "val_data_path", "fit_limit") if getattr(args, f, None) is not None]
         if fit_only:
             raise InputError(f"--{fit_only[0]} is a fit setting: give --fit_data_path to fit the posterior again")
     if args.prior_method == "val" and not args.val_data_path:
         raise InputError("--prior_method val needs --val_data_path (validation examples with gold answers)")
-    if args.fit_limit is not None and args.fit_limit <= 0:
-        raise InputError(f"--fit_limit must be a positive number of examples, got {args.fit_limit}")
 
 
 def laplace_options(args, choice_data: bool):
@@ -202,9 +226,50 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
     return posterior
 
 
+def fit_temperature(model, tokenizer, prompter, args, fit_path: str, folder: str | None, choice_data: bool):
+    """Fits one temperature on the validation set ``fit_path`` (scored as evaluation scores it), saves it."""
+    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.evaluation.predictive import PairScorer
+    from peft_bayes.posterior import TemperatureScaling
+
+    if not choice_data:
+        raise InputError("--posterior temperature scales option scores: it needs a multiple-choice test set")
+    name = os.path.splitext(os.path.basename(fit_path))[0]
+    prefix = getattr(args, "choice_prefix", None)
+    data = load_eval_set(name, fit_path, args.fit_limit, prompter, args.choice_format, *([prefix] if prefix else []))
+    if data.task.kind != "choice":
+        raise InputError(f"{fit_path}: temperature scaling needs multiple-choice validation data")
+    scorer = PairScorer(model, tokenizer, data.pairs, args.batch_size, args.choice_scoring, args.choice_norm,
+                        data.golds)  # fmt: skip
+    posterior = TemperatureScaling(model)
+    posterior.fit(scorer, _progress_line("temperature fit", args.quiet))
+    if folder:
+        posterior.save(folder)
+    if not args.quiet:
+        saved = f"; saved to {folder}" if folder else ""
+        print(f"temperature {posterior.temperature:.4g} fitted on {posterior.n_data} examples (validation NLL "
+              f"{posterior.nll_before:.4f} -> {posterior.nll_after:.4f}){saved}")  # fmt: skip
+    return posterior
+
+
+def _progress_line(label: str, quiet: bool):
+    def progress(done: int, total: int) -> None:
+        if not quiet:
+            print(f"\r{label}: {done}/{total}", end="" if done < total else "\n", flush=True)
+
+    return progress
+
+
 def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):
-    """The posterior evaluate.py evaluates with (see the module docstring)."""
-    from peft_bayes.posterior import BayesLoraPosterior, PointEstimate, default_posterior, load_posterior
+    """The posterior evaluate.py evaluates with (see the module docstring); evaluation runs on its ``model``."""
+    from peft_bayes.posterior import (
+        BayesLoraPosterior,
+        Ensemble,
+        MCDropout,
+        PointEstimate,
+        default_posterior,
+        load_posterior,
+    )
     from peft_bayes.posterior.base import posterior_folder
 
     if args.posterior == "auto":
@@ -213,6 +278,18 @@ def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):
         return PointEstimate(model)
     if args.posterior == "bayeslora":
         return BayesLoraPosterior(model)
+    if args.posterior == "mc_dropout":
+        return MCDropout(model, rate=args.mc_dropout_rate)
+    if args.posterior == "ensemble":  # the model was loaded without --adapter: every member joins it by name
+        return Ensemble.from_folders(model, ([args.adapter] if args.adapter else []) + list(args.members or []))
+    if args.posterior == "temperature":
+        folder = posterior_folder(args.adapter, "temperature") if args.adapter else None
+        if args.fit_data_path:
+            return fit_temperature(model, tokenizer, prompter, args, args.fit_data_path, folder, choice_data)
+        if folder is None or not os.path.isdir(folder):
+            where = f"in {folder}" if folder else "for the base model (no --adapter)"
+            raise InputError(f"no saved temperature {where}: give --fit_data_path (a validation set) to fit one")
+        return load_posterior(model, folder)
     if not args.adapter:
         raise InputError("--posterior laplace needs --adapter (the posterior is over the adapter's weights)")
     folder = posterior_folder(args.adapter, "laplace")
