@@ -16,10 +16,23 @@ from dataclasses import fields
 from peft_bayes.cli.common import comma_list, str2bool
 from peft_bayes.errors import InputError
 
-POSTERIOR_CHOICES = ("auto", "map", "bayeslora", "laplace", "temperature", "mc_dropout", "ensemble")
-FIT_POSTERIORS = ("laplace", "temperature")  # fitted on --fit_data_path after training, saved next to the adapter
-MEMBER_POSTERIORS = ("ensemble",)  # --adapter and --members are the member adapters
-STOCHASTIC_POSTERIORS = ("laplace", "mc_dropout", "ensemble")  # --samples N > 0 may apply before the model loads
+POSTERIOR_CHOICES = (
+    "auto", "map", "bayeslora", "laplace", "swag", "multiswag", "mc_dropout", "ensemble", "tfb", "temperature",
+)  # fmt: skip
+TRAIN_POSTERIORS = ("none", "laplace", "swag")  # train.py: fitted after (laplace) or collected during (swag) training
+FIT_POSTERIORS = ("laplace", "temperature", "tfb")  # fitted on --fit_data_path after training, saved by the adapter
+MEMBER_POSTERIORS = ("ensemble", "multiswag")  # --adapter and --members are the member adapters
+# --samples N > 0 may apply before the model loads
+STOCHASTIC_POSTERIORS = ("laplace", "swag", "multiswag", "mc_dropout", "ensemble", "tfb")
+# train.py's SWAG collection flags -> SwagOptions fields (--swag_start is parsed by parse_swag_start)
+SWAG_TRAIN_FLAGS = {
+    "swag_learning_rate": "learning_rate",
+    "swag_anneal_epochs": "anneal_epochs",
+    "swag_anneal_strategy": "anneal_strategy",
+    "swag_collect_every": "collect_every",
+    "swag_max_num_models": "max_num_models",
+    "swag_cov_mat": "cov_mat",
+}
 # flag -> LaplaceOptions field; the fit settings first, then the two that a saved posterior also takes.
 FIT_FLAGS = {
     "laplace_subset": "subset",
@@ -51,15 +64,16 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
         STRUCTURES,
     )
 
-    g = p.add_argument_group("posterior over the adapter weights (Laplace)")
-    choices = ("none", "laplace") if training else POSTERIOR_CHOICES
+    g = p.add_argument_group("posterior over the adapter weights")
+    choices = TRAIN_POSTERIORS if training else POSTERIOR_CHOICES
     g.add_argument(
         "--posterior",
         default="none" if training else "auto",
         choices=choices,
-        help="laplace: fit a post-hoc Laplace posterior and save it next to the adapter"
-        + ("" if training else "; auto: the adapter's own (bayeslora) or none (map)"),
+        help="laplace: fit a post-hoc Laplace posterior and save it next to the adapter; swag: collect SWAG moments"
+        + (" during training" if training else "; auto: the adapter's own (bayeslora) or none (map)"),
     )
+    _add_swag_tfb_flags(p, training)
     if not training:
         g.add_argument("--fit_data_path", default=None, help="data to fit the posterior on: laplace, a train.json; "
                        "temperature, a validation set with gold answers")  # fmt: skip
@@ -94,6 +108,33 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
     )  # fmt: skip
 
 
+def _add_swag_tfb_flags(p: argparse.ArgumentParser, training: bool) -> None:
+    from peft_bayes.posterior.swag import ANNEAL_STRATEGIES
+
+    g = p.add_argument_group("SWAG (train.py --posterior swag collects; evaluate.py --posterior swag|multiswag)")
+    if training:
+        g.add_argument("--swag_start", default=None, help="collect from this epoch (2, 1.5) or step (300steps); "
+                       "default: half way through training")  # fmt: skip
+        g.add_argument("--swag_learning_rate", type=float, default=None, help="learning rate from the start on "
+                       "(default: keep the schedule)")  # fmt: skip
+        g.add_argument("--swag_anneal_epochs", type=float, default=None, help="epochs to anneal to it (0)")
+        g.add_argument("--swag_anneal_strategy", default=None, choices=ANNEAL_STRATEGIES, help="constant (default)")
+        g.add_argument("--swag_collect_every", type=int, default=None, help="collect every N optimizer steps "
+                       "(default: once an epoch)")  # fmt: skip
+        g.add_argument("--swag_max_num_models", type=int, default=None, help="deviation columns K (20)")
+        g.add_argument("--swag_cov_mat", type=str2bool, nargs="?", const=True, default=None, help="low-rank + "
+                       "diagonal covariance (true) or diagonal only")  # fmt: skip
+        g.add_argument("--swag_export_swa", type=str2bool, nargs="?", const=True, default=None, help="also write "
+                       "the SWA mean as a plain PEFT adapter to <output_dir>/swa")  # fmt: skip
+    g.add_argument("--swag_sample_scale", type=float, default=None, help="factor on the sample standard deviation "
+                   "(1.0; 0: the SWA mean)")  # fmt: skip
+    if not training:
+        g = p.add_argument_group("training-free Bayesianization (evaluate.py --posterior tfb)")
+        g.add_argument("--tfb_epsilon", type=float, default=None, help="relative NLL threshold on the anchor set "
+                       "(--fit_data_path) of the sigma search (0.01)")  # fmt: skip
+        g.add_argument("--tfb_samples", type=int, default=None, help="posterior draws of the anchor NLL (4)")
+
+
 def _only_for(args, flags, posteriors: tuple[str, ...]) -> None:
     """A one-line error for the first of ``flags`` given with a ``--posterior`` outside ``posteriors``."""
     stray = [f for f in flags if getattr(args, f, None) is not None]
@@ -108,6 +149,20 @@ def check_posterior_flags(args) -> None:
     _only_for(args, ("fit_data_path", "fit_limit"), FIT_POSTERIORS)
     _only_for(args, ("members",), MEMBER_POSTERIORS)
     _only_for(args, ("mc_dropout_rate",), ("mc_dropout",))
+    _only_for(args, ("swag_start", *SWAG_TRAIN_FLAGS, "swag_export_swa"), ("swag",))
+    _only_for(args, ("swag_sample_scale",), ("swag", "multiswag"))
+    _only_for(args, ("tfb_epsilon", "tfb_samples"), ("tfb",))
+    if args.posterior == "swag" and hasattr(args, "swag_collect_every"):  # train.py: the options' own checks
+        swag_options(args)
+    scale = getattr(args, "swag_sample_scale", None)
+    if scale is not None and not (scale >= 0 and scale != float("inf")):
+        raise InputError(f"--swag_sample_scale must be a non-negative number, got {scale}")
+    if getattr(args, "tfb_epsilon", None) is not None and not args.tfb_epsilon > 0:
+        raise InputError(f"--tfb_epsilon must be a positive relative threshold, got {args.tfb_epsilon}")
+    if getattr(args, "tfb_samples", None) is not None and args.tfb_samples < 1:
+        raise InputError(f"--tfb_samples must be a positive number of draws, got {args.tfb_samples}")
+    if args.posterior == "tfb" and not getattr(args, "fit_data_path", None) and not args.adapter:
+        raise InputError("--posterior tfb needs --adapter (a trained LoRA adapter)")
     if args.fit_limit is not None and args.fit_limit <= 0:
         raise InputError(f"--fit_limit must be a positive number of examples, got {args.fit_limit}")
     rate = getattr(args, "mc_dropout_rate", None)
@@ -226,6 +281,49 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
     return posterior
 
 
+def swag_options(args):
+    """SwagOptions from train.py's flags (the dataclass defaults where a flag was not given)."""
+    from peft_bayes.posterior.swag import SwagOptions, parse_swag_start
+
+    values = {name: getattr(args, flag) for flag, name in SWAG_TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.swag_start is not None:
+        values.update(parse_swag_start(args.swag_start))
+    if args.swag_sample_scale is not None:
+        values["sample_scale"] = args.swag_sample_scale
+    return SwagOptions(**values)
+
+
+def fit_tfb(model, tokenizer, prompter, args, folder: str):
+    """TFB on the LoRA of ``model`` with the anchor set ``--fit_data_path``; saves the BayesLoRA adapter to
+    ``folder`` and returns its posterior (on a new ``PeftModel`` over the same base model)."""
+    from peft_bayes.posterior import BayesLoraPosterior
+    from peft_bayes.posterior.tfb import bayesianize, save_tfb
+
+    likelihood = "choice" if is_choice_data(args.fit_data_path) else "lm"
+    batches = list(fit_batches(args.fit_data_path, args.fit_limit, likelihood, model, tokenizer, prompter, args, 4))
+    extra = {k: v for k, v in (("epsilon", args.tfb_epsilon), ("samples", args.tfb_samples)) if v is not None}
+    bayes_model, result = bayesianize(model, batches, seed=args.seed, progress=_progress_line("TFB sigma search",
+                                      args.quiet), **extra)  # fmt: skip
+    save_tfb(bayes_model, result, folder)
+    if not args.quiet:
+        print(f"TFB: sigma {result.sigma:.4g} (anchor NLL {result.nll_mean:.4f} -> {result.nll_at_sigma:.4f}, "
+              f"threshold {result.threshold:.4f}, {result.n_evals} evaluations); BayesLoRA adapter saved to "
+              f"{folder}")  # fmt: skip
+    return BayesLoraPosterior(bayes_model)
+
+
+def load_tfb(model, folder: str):
+    """The saved TFB adapter in ``folder`` on the base model of ``model`` (its LoRA adapter unloaded)."""
+    from peft import PeftModel
+
+    from peft_bayes.posterior import BayesLoraPosterior
+    from peft_bayes.posterior.tfb import load_tfb_result
+
+    load_tfb_result(folder)  # a one-line error when the folder is not a TFB adapter
+    bayes = PeftModel.from_pretrained(model.unload(), folder).eval()
+    return BayesLoraPosterior(bayes)
+
+
 def fit_temperature(model, tokenizer, prompter, args, fit_path: str, folder: str | None, choice_data: bool):
     """Fits one temperature on the validation set ``fit_path`` (scored as evaluation scores it), saves it."""
     from peft_bayes.cli.evaluate import load_eval_set
@@ -266,6 +364,7 @@ def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):
         BayesLoraPosterior,
         Ensemble,
         MCDropout,
+        MultiSwag,
         PointEstimate,
         default_posterior,
         load_posterior,
@@ -280,8 +379,31 @@ def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):
         return BayesLoraPosterior(model)
     if args.posterior == "mc_dropout":
         return MCDropout(model, rate=args.mc_dropout_rate)
+    members = ([args.adapter] if args.adapter else []) + list(getattr(args, "members", None) or [])
     if args.posterior == "ensemble":  # the model was loaded without --adapter: every member joins it by name
-        return Ensemble.from_folders(model, ([args.adapter] if args.adapter else []) + list(args.members or []))
+        return Ensemble.from_folders(model, members)
+    if args.posterior == "multiswag":
+        posterior = MultiSwag.from_folders(model, members)
+        if args.swag_sample_scale is not None:
+            posterior.sample_scale = args.swag_sample_scale
+        return posterior
+    if args.posterior in ("swag", "tfb") and not args.adapter:
+        raise InputError(f"--posterior {args.posterior} needs --adapter (the posterior is over its weights)")
+    if args.posterior == "swag":
+        folder = posterior_folder(args.adapter, "swag")
+        if not os.path.isdir(folder):
+            raise InputError(f"no saved SWAG posterior in {folder}: train with train.py --posterior swag")
+        posterior = load_posterior(model, folder)
+        if args.swag_sample_scale is not None:
+            posterior.sample_scale = args.swag_sample_scale
+        return posterior
+    if args.posterior == "tfb":
+        folder = posterior_folder(args.adapter, "tfb")
+        if args.fit_data_path:
+            return fit_tfb(model, tokenizer, prompter, args, folder)
+        if not os.path.isdir(folder):
+            raise InputError(f"no saved TFB adapter in {folder}: give --fit_data_path (an anchor set) to make one")
+        return load_tfb(model, folder)
     if args.posterior == "temperature":
         folder = posterior_folder(args.adapter, "temperature") if args.adapter else None
         if args.fit_data_path:

@@ -161,6 +161,9 @@ def check_args(args: argparse.Namespace, world: int) -> int:
     from peft_bayes.cli.posterior_flags import check_posterior_flags
 
     check_posterior_flags(args)
+    if args.posterior == "swag" and args.resume_from_checkpoint:
+        raise InputError("--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not saved "
+                         "in checkpoints; train again from the start")  # fmt: skip
     if args.cutoff_len < 8:
         raise InputError(f"--cutoff_len must be at least 8, got {args.cutoff_len}")
     if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
@@ -367,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     per_epoch = _steps_per_epoch(args, len(train_data), accum, world)
     trainer = _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, per_epoch)
+    collector = None
+    if args.posterior == "swag":  # SWAG moments of the trainable adapter tensors, collected by a callback
+        from peft_bayes.cli.posterior_flags import swag_options
+        from peft_bayes.posterior.swag import SwagCollector
+
+        collector = SwagCollector(model, swag_options(args), steps_per_epoch=per_epoch)
+        trainer.add_callback(collector)
     full_resume = (
         args.resume_from_checkpoint
         if args.resume_from_checkpoint
@@ -393,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
     if args.posterior == "laplace":  # every rank: each fits its share of the data, rank 0 saves
         _fit_posterior(args, model, tokenizer, prompter)
+    if collector is not None:
+        _save_swag(args, collector)
     _close_process_group()
     return 0
 
@@ -405,6 +417,21 @@ def _fit_posterior(args, model, tokenizer, prompter) -> None:
     folder = posterior_folder(args.output_dir, "laplace")
     choice = is_choice_data(args.data_path)
     fit_laplace(model, tokenizer, prompter, args, args.data_path, folder, choice)
+
+
+def _save_swag(args, collector) -> None:
+    """``--posterior swag``: the collected posterior next to the adapter (rank 0), and the SWA mean as a plain
+    adapter with ``--swag_export_swa``."""
+    from peft_bayes.posterior.base import posterior_folder
+    from peft_bayes.posterior.distributed import is_main_process
+
+    folder = collector.save(posterior_folder(args.output_dir, "swag"))
+    if is_main_process():
+        steps = collector.collected_steps
+        print(f"SWAG: {collector.n_models} models collected after optimizer steps {steps}; saved to {folder}")
+        if args.swag_export_swa:
+            swa = collector.posterior().export_swa(os.path.join(args.output_dir, "swa"))
+            print(f"SWA mean saved as a plain adapter to {swa}")
 
 
 def _close_process_group() -> None:
