@@ -83,10 +83,16 @@ class Variant:
 
 @dataclass(frozen=True)
 class Method:
-    """``train``: a key of ``TRAININGS`` (methods naming the same recipe share one trained adapter) or None."""
+    """``train``: a key of ``TRAININGS`` (methods naming the same recipe share one trained adapter) or None;
+    ``members``: the settings attribute holding how many adapters of the recipe the method uses (ensembles: member
+    i > 0 is trained with seed + 1000 i; its folders are ``args.members_of[recipe]`` when the flags are built)."""
 
     train: str | None
     variants: tuple[Variant, ...]
+    members: str | None = None
+
+    def n_members(self, args: argparse.Namespace) -> int:
+        return int(getattr(args, self.members)) if self.members else 1
 
 
 def _bayes_flags(a: argparse.Namespace) -> list[str]:
@@ -94,8 +100,18 @@ def _bayes_flags(a: argparse.Namespace) -> list[str]:
             "--kl_schedule", a.kl_schedule, "--kl_weight", str(a.kl_weight)]  # fmt: skip
 
 
+def _swag_train_flags(a: argparse.Namespace) -> list[str]:
+    return ["--adapter_name", "lora", "--posterior", "swag", "--swag_start", a.swag_start, "--swag_collect_every",
+            str(a.swag_collect_every), "--swag_max_num_models", str(a.swag_max_num_models)] + (
+        ["--swag_learning_rate", str(a.swag_learning_rate)] if a.swag_learning_rate is not None else [])  # fmt: skip
+
+
 # training recipe -> train.py flags beyond the shared ones (model, data, rank, lr, batch, seed, ...)
-TRAININGS: dict[str, Flags] = {"lora": lambda a: ["--adapter_name", "lora"], "bayeslora": _bayes_flags}
+TRAININGS: dict[str, Flags] = {
+    "lora": lambda a: ["--adapter_name", "lora"],
+    "bayeslora": _bayes_flags,
+    "swag": _swag_train_flags,  # LoRA with SWAG collected during training (train.py --posterior swag)
+}
 METHODS: dict[str, Method] = {
     "zero-shot": Method(None, (Variant("zero-shot", "zero-shot (base model)", lambda a: ["--samples", "0"], False),)),
     "lora": Method("lora", (Variant("lora", "LoRA (MAP)", lambda a: ["--samples", "0"]),)),
@@ -124,6 +140,33 @@ METHODS["laplace"] = Method(  # post hoc on the LoRA adapter: fitted on the trai
         Variant("laplace:last_layer", "Laplace-LoRA (K-FAC, last layer)", _laplace_flags("last_layer")),
     ),
 )
+
+
+def _members(recipe: str) -> Flags:
+    return lambda a: ["--members", ",".join(a.members_of[recipe])]
+
+
+def _multiple_of(n: int, m: int) -> int:
+    return -(-max(n, 1) // m) * m
+
+
+# The post-hoc and sampling posteriors of issue 13 on the same adapters: one table with every method.
+METHODS["temperature"] = Method("lora", (Variant("temperature", "temperature scaling (MAP)", lambda a: [
+    "--posterior", "temperature", "--fit_data_path", a.val_slice]),))  # fmt: skip
+METHODS["mc_dropout"] = Method("lora", (Variant("mc_dropout", "MC dropout (N={samples})", lambda a: [
+    "--posterior", "mc_dropout", "--samples", str(a.samples)]),))  # fmt: skip
+METHODS["ensemble"] = Method("lora", (Variant("ensemble", "deep ensemble (M={members})", lambda a: [
+    "--posterior", "ensemble", *_members("lora")(a)]),), members="ensemble_size")  # fmt: skip
+METHODS["swag"] = Method("swag", (Variant("swag", "SWAG (N={samples})", lambda a: [
+    "--posterior", "swag", "--samples", str(a.samples)]),))  # fmt: skip
+METHODS["multiswag"] = Method("swag", (Variant("multiswag", "MultiSWAG (M={members}, N={multiswag_samples})",
+    lambda a: ["--posterior", "multiswag", *_members("swag")(a), "--samples",
+               str(_multiple_of(a.samples, a.ensemble_size))]),), members="ensemble_size")  # fmt: skip
+METHODS["tfb"] = Method("lora", (Variant("tfb", "TFB (N={samples})", lambda a: [
+    "--posterior", "tfb", "--fit_data_path", a.train_slice, "--fit_limit", str(a.tfb_anchor),
+    "--samples", str(a.samples)]),))  # fmt: skip
+# which posterior's saved state a row stores beside its adapter(s) (the stored-state column)
+STORED = {"laplace": "laplace", "temperature": "temperature", "swag": "swag", "multiswag": "swag", "tfb": "tfb"}
 
 
 class StepFailed(Exception):
@@ -173,9 +216,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="reuse the work folder's trainings / evaluations whose "
                    "exact commands ran before (progress.json) and whose outputs still exist")  # fmt: skip
     g.add_argument("--fit_limit", type=int, default=None, help="Laplace: fit on the first N training questions")
+    g = p.add_argument_group("the other posteriors (temperature, mc_dropout, ensemble, swag, multiswag, tfb)")
+    g.add_argument("--ood_task", default=None, help="also score this task's test set (the first --n_test) as out "
+                   "of distribution: the OOD AUROC column (BLoB: train on openbookqa, test on ARC)")  # fmt: skip
+    g.add_argument("--n_val", type=int, default=100, help="temperature: validation questions (train.json, not in "
+                   "the training slice)")  # fmt: skip
+    g.add_argument("--ensemble_size", type=int, default=3, help="members of ensemble and multiswag (seeds s + 1000 i)")
+    g.add_argument("--swag_start", default="0.5", help="train.py --swag_start (epochs, or Nsteps)")
+    g.add_argument("--swag_collect_every", type=int, default=1, help="train.py --swag_collect_every (steps)")
+    g.add_argument("--swag_max_num_models", type=int, default=10)
+    g.add_argument("--swag_learning_rate", type=float, default=None, help="default: keep the schedule")
+    g.add_argument("--tfb_anchor", type=int, default=64, help="tfb: anchor questions (the first of the slice)")
     args = p.parse_args(argv)
     args.rows = _select_rows(p, args.methods)
-    for flag in ("n_train", "n_test", "rank", "batch_size", "micro_batch_size", "eval_batch_size"):
+    if any(m == "mc_dropout" for m, _ in args.rows) and args.lora_dropout <= 0:
+        p.error("--methods mc_dropout needs --lora_dropout > 0 (the LoRA adapter is trained with dropout)")
+    if args.ensemble_size < 2 and any(m in ("ensemble", "multiswag") for m, _ in args.rows):
+        p.error(f"--ensemble_size must be at least 2, got {args.ensemble_size}")
+    for flag in ("n_train", "n_test", "rank", "batch_size", "micro_batch_size", "eval_batch_size", "n_val",
+                 "tfb_anchor"):  # fmt: skip
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     return args
@@ -289,6 +348,18 @@ def write_train_slice(args: argparse.Namespace, work: Path) -> tuple[Path, list[
     return path, index
 
 
+def write_val_slice(args: argparse.Namespace, work: Path, train_index: list[int]) -> Path:
+    """``--n_val`` questions of train.json outside the training slice (seeded), for temperature scaling."""
+    records = json.loads((Path(args.data_dir) / args.task / "train.json").read_text(encoding="utf-8"))
+    rest = sorted(set(range(len(records))) - set(train_index))
+    if len(rest) < args.n_val:
+        raise InputError(f"--n_val {args.n_val}: train.json has {len(rest)} questions outside the training slice")
+    index = sorted(random.Random(args.data_seed + 1).sample(rest, args.n_val))
+    path = work / "data" / f"{args.task}_val_{args.data_seed}_{args.n_val}.json"
+    write_json_atomic(str(path), [records[i] for i in index])
+    return path
+
+
 def check_test_set(args: argparse.Namespace) -> Path:
     path = Path(args.data_dir) / args.task / "test.json"
     if not path.is_file():
@@ -317,6 +388,8 @@ def eval_flags(args: argparse.Namespace, variant: Variant, adapter: Path | None,
         "--prompt_template", args.prompt_template, "--choice_format", args.choice_format,
         "--choice_norm", args.choice_norm, "--batch_size", str(args.eval_batch_size), "--seed", str(seed),
     ]  # fmt: skip
+    if args.ood_task:
+        flags += ["--ood_dataset", args.ood_task]
     return flags + variant.flags(args)
 
 
@@ -324,10 +397,20 @@ def slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", key)
 
 
+def trainings(args: argparse.Namespace) -> dict[str, int]:
+    """recipe -> adapters trained per seed (the most members any selected method uses)."""
+    out: dict[str, int] = {}
+    for m, _ in args.rows:
+        recipe = METHODS[m].train
+        if recipe:
+            out[recipe] = max(out.get(recipe, 0), METHODS[m].n_members(args))
+    return out
+
+
 def count_steps(args: argparse.Namespace) -> int:
-    recipes = {METHODS[m].train for m, _ in args.rows} - {None}
     per_seed = sum(v.per_seed for _, v in args.rows)
-    return len(args.seeds) * (len(recipes) + per_seed) + sum(not v.per_seed for _, v in args.rows)
+    n_train = sum(trainings(args).values())
+    return len(args.seeds) * (n_train + per_seed) + sum(not v.per_seed for _, v in args.rows)
 
 
 def earlier_runs(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
@@ -346,10 +429,20 @@ def _train(args, runner: Runner, recipe: str, train_data: Path, out: Path, seed:
     """(adapter folder, command, seconds): trained now, or reused (``--resume``) when the same command left it."""
     flags = train_flags(args, recipe, train_data, out, seed)
     line = runner.command_line("train", flags)
+    what = f"seed {seed}: train {recipe}" + (f" ({out.name})" if out.name != f"train-{recipe}" else "")
     if line in trains and (out / "adapter_config.json").is_file():
-        runner.skip(f"seed {seed}: train {recipe} (reused: {out})")
+        runner.skip(f"{what} (reused: {out})")
         return out, line, trains[line]
-    return (out, *runner.run("train", flags, f"seed {seed}: train {recipe}"))
+    return (out, *runner.run("train", flags, what))
+
+
+def _train_members(args, runner, recipe: str, n: int, train_data: Path, work: Path, seed: int, trains: dict):
+    """The recipe's ``n`` adapters of ``seed``: member 0 with the seed itself, member i with seed + 1000 i."""
+    out = []
+    for i in range(n):
+        folder = work / f"seed{seed}" / (f"train-{recipe}" if i == 0 else f"train-{recipe}-m{i}")
+        out.append(_train(args, runner, recipe, train_data, folder, seed + 1000 * i, trains))
+    return out
 
 
 def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Path) -> list[dict]:
@@ -357,14 +450,19 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
     results, once = [], {}
     trains, evals = earlier_runs(args, work)
     args.train_slice = str(train_data)  # the Laplace variants fit on it
+    n_adapters = trainings(args)
     for seed in args.seeds:
-        trained: dict[str, tuple[Path, str, float]] = {}  # recipe -> (adapter folder, command, seconds)
+        trained: dict[str, list[tuple[Path, str, float]]] = {}  # recipe -> [(adapter folder, command, seconds)]
         for method, variant in args.rows:
             recipe = METHODS[method].train
             if recipe and recipe not in trained:
-                out = work / f"seed{seed}" / f"train-{recipe}"
-                trained[recipe] = _train(args, runner, recipe, train_data, out, seed, trains)
-            adapter, train_line, train_s = trained[recipe] if recipe else (None, None, None)
+                n = n_adapters[recipe]
+                trained[recipe] = _train_members(args, runner, recipe, n, train_data, work, seed, trains)
+            adapter, train_line, train_s = trained[recipe][0] if recipe else (None, None, None)
+            if recipe:
+                members = trained[recipe][: METHODS[method].n_members(args)]
+                args.members_of = {recipe: [str(m[0]) for m in members[1:]]}
+                train_s = sum(m[2] for m in members)  # an ensemble costs every member's training
             if not variant.per_seed and variant.key in once:
                 results.append({**once[variant.key], "seed": seed, "reused_from_seed": once[variant.key]["seed"]})
                 continue
@@ -380,30 +478,66 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
             summary = json.loads((out / f"{args.task}_summary.json").read_text(encoding="utf-8"))
             result = {"method": method, "row": variant.key, "label": label(variant, args), "seed": seed,
                       "train_command": train_line, "eval_command": line, "train_seconds": train_s,
-                      "eval_process_seconds": round(wall, 2), "eval_dir": str(out), "summary": summary}  # fmt: skip
+                      "eval_process_seconds": round(wall, 2), "eval_dir": str(out), "summary": summary,
+                      "stored_bytes": stored_bytes(method, adapter, args.members_of.get(recipe, []) if recipe
+                                                   else [])}  # fmt: skip
             results.append(result)
             once.setdefault(variant.key, result)
             write_json_atomic(str(work / "progress.json"), results)  # partial results survive a later failure
     return results
 
 
+def stored_bytes(method: str, adapter: Path | None, members: list[str]) -> int | None:
+    """Bytes a method keeps beside the base model: its adapter(s) and the posterior state saved next to them
+    (``STORED``); None without an adapter."""
+    if adapter is None:
+        return None
+
+    def size(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+    total = 0
+    for folder in [Path(adapter), *map(Path, members)]:
+        total += size(folder)
+        if method in STORED:
+            total += size(folder / "posterior" / STORED[method])
+    if method == "tfb":  # the Bayesian adapter replaces the LoRA at evaluation
+        total -= size(Path(adapter))
+    return total
+
+
 def label(variant: Variant, args: argparse.Namespace) -> str:
-    return variant.label.format(samples=args.samples)
+    m = args.ensemble_size
+    return variant.label.format(samples=args.samples, members=m, multiswag_samples=_multiple_of(args.samples, m))
 
 
 # --------------------------------------------------------------------------------------------------- reporting
 
-COLUMNS = [  # (header, summary key or None for train minutes, digits)
+COLUMNS = [  # (header, summary key, or "train" / "stored" (computed here), digits)
     ("ACC %", "accuracy_percent", 2), ("ECE %", "ece_percent", 2), ("NLL", "nll_nats", 4),
-    ("Brier", "brier_sum_over_classes", 4), ("eval examples/s", "examples_per_s", 2), ("train minutes", None, 1),
+    ("Brier", "brier_sum_over_classes", 4), ("OOD AUROC", "ood_auroc", 3), ("eval examples/s", "examples_per_s", 2),
+    ("train minutes", "train", 1), ("stored / MAP", "stored", 2),
 ]  # fmt: skip
 
 
-def _value(result: dict, key: str | None) -> float | None:
-    if key is None:
+def _value(result: dict, key: str, map_bytes: int | None = None) -> float | None:
+    if key == "train":
         return None if result["train_seconds"] is None else result["train_seconds"] / 60
+    if key == "stored":
+        stored = result.get("stored_bytes")
+        return None if stored is None or not map_bytes else stored / map_bytes
     value = result["summary"].get(key)
     return None if value is None else float(value)
+
+
+def _map_bytes(results: list[dict], seed: int) -> int | None:
+    """The MAP LoRA adapter's bytes of ``seed`` (the stored-state column's unit)."""
+    for r in results:
+        if r.get("seed") == seed and r.get("train_command") and r.get("eval_dir"):
+            folder = Path(r["train_command"].split("--output_dir ", 1)[1].split(" ", 1)[0])
+            if folder.name == "train-lora" and folder.is_dir():
+                return sum(f.stat().st_size for f in folder.glob("adapter_model.safetensors"))
+    return None
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -420,7 +554,7 @@ def aggregate(args: argparse.Namespace, results: list[dict]) -> list[dict]:
         runs = [r for r in results if r["row"] == variant.key and "reused_from_seed" not in r]
         row = {"method": method, "row": variant.key, "label": label(variant, args), "n_runs": len(runs)}
         for header, key, _ in COLUMNS:
-            values = [v for v in (_value(r, key) for r in runs) if v is not None]
+            values = [v for v in (_value(r, key, _map_bytes(results, r.get("seed"))) for r in runs) if v is not None]
             row[header] = None if not values else dict(zip(("mean", "std"), mean_std(values)))
         rows.append(row)
     return rows
@@ -544,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or Path(args.output_dir) / f"work-{args.task}")
         test = check_test_set(args)
         train_data, index = write_train_slice(args, work)
+        args.members_of = {}
+        if any(m == "temperature" for m, _ in args.rows):
+            args.val_slice = str(write_val_slice(args, work, index))
         runner = Runner(args, work, count_steps(args))
         rows = ", ".join(v.key for _, v in args.rows)
         print(f"{runner.elapsed()} {args.base_model}, {args.task}: {len(index)} training questions ({train_data}), "

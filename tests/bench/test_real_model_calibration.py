@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "real_model_calibration.py"
 TASK = "ARC-Easy"
 ROW_LABELS = ["zero-shot (base model)", "LoRA (MAP)", "BayesLoRA (N=2)", "BayesLoRA (N=0, mean)"]
+COLUMNS = ["ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "eval examples/s", "train minutes", "stored / MAP"]
+HEADER = "| method | " + " | ".join(COLUMNS) + " |"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
@@ -63,16 +65,22 @@ def test_bench_runs_every_method_and_writes_table_json_and_figures(tiny_setup):
     stem = out / f"real_model_calibration_{TASK}"
 
     lines = stem.with_suffix(".md").read_text().splitlines()
-    header = "| method | ACC % | ECE % | NLL | Brier | eval examples/s | train minutes |"
-    table = lines[lines.index(header) + 2 :]
+    table = lines[lines.index(HEADER) + 2 :]
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == ROW_LABELS
     for row in table:
-        cells = [c.strip() for c in row.strip("| ").split(" | ")[1:]]
-        numbers = cells[:5] if row.startswith("| zero-shot") else cells
-        assert all(math.isfinite(float(c)) for c in numbers), row
-        if row.startswith("| zero-shot"):
-            assert cells[5] == "–"  # nothing trained
-    assert header in proc.stdout and all(f"| {label} |" in proc.stdout for label in ROW_LABELS)
+        cells = dict(zip(COLUMNS, (c.strip() for c in row.strip("| ").split(" | ")[1:])))
+        assert cells["OOD AUROC"] == "–"  # no --ood_task
+        numbers = ["ACC %", "ECE %", "NLL", "Brier", "eval examples/s"]
+        if not row.startswith("| zero-shot"):
+            numbers += ["train minutes", "stored / MAP"]
+        else:
+            assert cells["train minutes"] == cells["stored / MAP"] == "–"  # nothing trained, nothing stored
+        assert all(math.isfinite(float(cells[c])) for c in numbers), row
+        if row.startswith("| LoRA"):
+            assert float(cells["stored / MAP"]) == 1.0
+        if row.startswith("| BayesLoRA"):
+            assert float(cells["stored / MAP"]) > 1.0  # rho beside the means
+    assert HEADER in proc.stdout and all(f"| {label} |" in proc.stdout for label in ROW_LABELS)
     assert re.search(r"\[\s*\d+\.\d min\] \(6/6\) seed 0: evaluate bayeslora:mean: done", proc.stdout)
 
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -114,7 +122,7 @@ def test_methods_select_variants_and_reject_unknown_names(capsys):
     assert bench.count_steps(args) == 2 * (2 + 2)  # per seed: two trainings, two evaluations
     args = bench.parse_args(["--methods", "zero-shot,bayeslora", "--seeds", "0,1,2"])
     assert bench.count_steps(args) == 1 + 3 * (1 + 2)  # zero-shot once: it does not depend on the seed
-    for bad in ("swag", "bayeslora:nope"):
+    for bad in ("nope", "bayeslora:nope"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--methods", bad])
         assert "--methods" in capsys.readouterr().err
@@ -130,3 +138,34 @@ def test_table_reports_mean_and_std_over_seeds():
     assert row["ACC %"]["mean"] == 45.0 and math.isclose(row["ACC %"]["std"], math.sqrt(50.0))
     assert row["train minutes"] == {"mean": 2.0, "std": 0.0}
     assert "| LoRA (MAP) | 45.00 ± 7.07 | 10.00 ± 0.00 |" in bench.markdown([row])
+
+
+def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_setup):
+    """temperature, MC dropout, ensemble, SWAG, MultiSWAG, TFB and Laplace on the same tiny run, with --ood_task:
+    each row has finite metrics and an OOD AUROC, ensembles train their members with seeds s + 1000 i, and the
+    stored-state column counts what each method keeps (M adapters for an ensemble)."""
+    root, model = tiny_setup
+    out = root / "out-all"
+    methods = "lora,temperature,mc_dropout,ensemble,swag,multiswag,tfb,laplace:all"
+    proc = _run(root, model, out, "--methods", methods, "--ood_task", TASK, "--ensemble_size", "2",
+                "--lora_dropout", "0.1", "--n_val", "1", "--tfb_anchor", "2", "--swag_start", "0steps",
+                "--max_steps", "2", "--n_train", "3")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    data = json.loads((out / f"real_model_calibration_{TASK}.json").read_text())
+    rows = {r["row"]: r for r in data["table"]}
+    assert list(rows) == ["lora", "temperature", "mc_dropout", "ensemble", "swag", "multiswag", "tfb", "laplace:all"]
+    for key, row in rows.items():
+        for column in ("ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "stored / MAP"):
+            assert row[column] is not None and math.isfinite(row[column]["mean"]), (key, column)
+    assert rows["lora"]["stored / MAP"]["mean"] == 1.0
+    assert rows["ensemble"]["stored / MAP"]["mean"] == pytest.approx(2.0, rel=1e-2)  # two same-shaped adapters
+    assert rows["temperature"]["stored / MAP"]["mean"] > 1.0 and rows["swag"]["stored / MAP"]["mean"] > 2.0
+    commands = data["commands"]
+    trains = [c for c in commands if c.split()[1] == "train.py"]
+    assert len(trains) == 4  # lora, lora member 1, swag, swag member 1
+    assert sum("--seed 1000" in c for c in trains) == 2 and sum("--posterior swag" in c for c in trains) == 2
+    by_row = {r["row"]: r for r in data["results"]}
+    assert "--members" in by_row["ensemble"]["eval_command"] and "train-lora-m1" in by_row["ensemble"]["eval_command"]
+    assert "train-swag-m1" in by_row["multiswag"]["eval_command"]
+    assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
+    assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
