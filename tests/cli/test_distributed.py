@@ -112,3 +112,29 @@ def test_torchrun_train_fits_laplace_on_all_the_data(llama_dir, data_file, tmp_p
     assert a["n_data"] == b["n_data"] == n_records
     assert b["log_marginal_likelihood"] == pytest.approx(a["log_marginal_likelihood"], rel=1e-3)
     assert b["loglik"] == pytest.approx(a["loglik"], rel=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_swag_collects_once_the_synchronised_weights(llama_dir, data_file, tmp_path, train_argv):
+    """train.py --posterior swag under torchrun: every rank collects the same (all-reduced) weights, rank 0 saves
+    one posterior, equal to one process's with the same global batch (to float32 rounding, as the adapters)."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
+              "--posterior", "swag", "--swag_start", "0steps", "--swag_collect_every", "1"]  # fmt: skip
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
+    _run(
+        ["torchrun", "--nproc_per_node=2", "--master_port=29536", "train.py",
+         *train_argv(llama_dir, data_file, multi), *common],
+        env,
+    )  # fmt: skip
+    folders = [d / "posterior" / "swag" for d in (single, multi)]
+    configs = [json.loads((f / "posterior_config.json").read_text()) for f in folders]
+    assert configs[0]["n_models"] == configs[1]["n_models"] == 3
+    assert configs[0]["collected_steps"] == configs[1]["collected_steps"] == [1, 2, 3]
+    a, b = (load_file(f / "posterior.safetensors") for f in folders)
+    assert a.keys() == b.keys() and len(a) >= 3
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5 * max(1.0, float(a[k].abs().max())), msg=k)
