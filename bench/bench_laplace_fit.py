@@ -67,7 +67,7 @@ def load(args):
     if getattr(args, "adapter", None):  # a trained adapter folder (bench_kfac.py --adapter)
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, args.adapter).eval(), tok
+        return PeftModel.from_pretrained(model, args.adapter, is_trainable=True).eval(), tok
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.target_modules.split(","),
                         init_lora_weights=False)  # fmt: skip
     return get_peft_model(model, config).eval(), tok
