@@ -421,7 +421,11 @@ def earlier_runs(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
         return {}, {}
     earlier = json.loads(path.read_text(encoding="utf-8"))
     trains = {r["train_command"]: r["train_seconds"] for r in earlier if r.get("train_command")}
-    evals = {r["eval_command"]: r for r in earlier if Path(r["eval_dir"]).is_dir() and "reused_from_seed" not in r}
+    evals = {
+        r["eval_command"]: r
+        for r in earlier
+        if r.get("eval_dir") and Path(r["eval_dir"]).is_dir() and "reused_from_seed" not in r
+    }
     return trains, evals
 
 
@@ -451,6 +455,7 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
     trains, evals = earlier_runs(args, work)
     args.train_slice = str(train_data)  # the Laplace variants fit on it
     n_adapters = trainings(args)
+    members_done: list[dict] = []  # ensemble members' trainings, recorded for --resume
     for seed in args.seeds:
         trained: dict[str, list[tuple[Path, str, float]]] = {}  # recipe -> [(adapter folder, command, seconds)]
         for method, variant in args.rows:
@@ -458,6 +463,7 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
             if recipe and recipe not in trained:
                 n = n_adapters[recipe]
                 trained[recipe] = _train_members(args, runner, recipe, n, train_data, work, seed, trains)
+                members_done += [{"train_command": m[1], "train_seconds": m[2]} for m in trained[recipe][1:]]
             adapter, train_line, train_s = trained[recipe][0] if recipe else (None, None, None)
             if recipe:
                 members = trained[recipe][: METHODS[method].n_members(args)]
@@ -483,7 +489,8 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
                                                    else [])}  # fmt: skip
             results.append(result)
             once.setdefault(variant.key, result)
-            write_json_atomic(str(work / "progress.json"), results)  # partial results survive a later failure
+            # partial results survive a later failure; every training (ensemble members too) for --resume
+            write_json_atomic(str(work / "progress.json"), results + members_done)
     return results
 
 
