@@ -169,3 +169,10 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert "train-swag-m1" in by_row["multiswag"]["eval_command"]
     assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
     assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
+    # --resume reuses every training (the ensemble members too) and every evaluation
+    again = _run(root, model, out, "--methods", methods, "--ood_task", TASK, "--ensemble_size", "2",
+                 "--lora_dropout", "0.1", "--n_val", "1", "--tfb_anchor", "2", "--swag_start", "0steps",
+                 "--max_steps", "2", "--n_train", "3", "--resume")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(train-lora-m1) (reused" in again.stdout and "(train-swag-m1) (reused" in again.stdout
+    assert json.loads((out / f"real_model_calibration_{TASK}.json").read_text())["commands"] == []
