@@ -41,7 +41,7 @@ class DenseFactor:
 
 
 class StreamFactor:
-    """Top-``rank`` eigenpairs + one scalar of the sum (a float64 stream; the result in ``dtype``, as dense factors)."""
+    """Top-``rank`` eigenpairs + one scalar of the sum (a float64 stream; the result in ``dtype``, as dense ones)."""
 
     def __init__(self, dim: int, rank: int, dtype: torch.dtype, device) -> None:
         self.stream, self.dtype = StreamingEigen(dim, rank, device=device), dtype

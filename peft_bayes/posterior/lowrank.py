@@ -246,7 +246,21 @@ class StreamingEigen:
         return self
 
     def _absorb(self, B: torch.Tensor) -> None:
-        """Folds the columns of B (dim, c) into the eigenpairs: U Λ Uᵀ <- top-width of U Λ Uᵀ + B Bᵀ."""
+        """Folds the columns of B (dim, c) into the eigenpairs: U Λ Uᵀ <- top-width of U Λ Uᵀ + B Bᵀ.
+
+        Where the batch is wide against the factor (dim <= held + chunk columns: a factor of a few hundred features
+        and thousands of tokens), the same sum is formed as the (dim, dim) Gram U Λ Uᵀ + B Bᵀ and eigendecomposed
+        once, d²(held + c) + d³ instead of the QR's d (held + c)² per chunk (no larger than the QR's workspace);
+        otherwise (wide factors: the case the stream exists for) by the chunked QR / SVD.
+        """
+        if self.dim <= self.U.shape[1] + min(B.shape[1], self.chunk_size):
+            G = (self.U * self.lam) @ self.U.mT
+            for chunk in B.split(self.chunk_size, dim=1):
+                G.addmm_(chunk, chunk.mT)
+            lam, U = torch.linalg.eigh((G + G.mT) / 2)  # ascending
+            lam, U = lam.flip(0)[: self.width].clamp(min=0), U.flip(1)[:, : self.width]
+            self.U, self.lam = U, lam
+            return
         for chunk in B.split(self.chunk_size, dim=1):
             C = torch.cat([self.U * self.lam.sqrt(), chunk], 1)  # (dim, m + c)
             Q, R = torch.linalg.qr(C)  # (dim, r), (r, m + c), r = min(dim, m + c)
