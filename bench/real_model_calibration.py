@@ -420,7 +420,9 @@ def earlier_runs(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
     if not args.resume or not path.is_file():
         return {}, {}
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    trains = {r["train_command"]: r["train_seconds"] for r in earlier if r.get("train_command")}
+    # the seconds of the training the command ran (an ensemble row's train_seconds sums its members)
+    trains = {r["train_command"]: r.get("train_command_seconds", r["train_seconds"]) for r in earlier
+              if r.get("train_command")}  # fmt: skip
     evals = {
         r["eval_command"]: r
         for r in earlier
@@ -465,6 +467,7 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
                 trained[recipe] = _train_members(args, runner, recipe, n, train_data, work, seed, trains)
                 members_done += [{"train_command": m[1], "train_seconds": m[2]} for m in trained[recipe][1:]]
             adapter, train_line, train_s = trained[recipe][0] if recipe else (None, None, None)
+            own_s = train_s
             if recipe:
                 members = trained[recipe][: METHODS[method].n_members(args)]
                 args.members_of = {recipe: [str(m[0]) for m in members[1:]]}
@@ -476,7 +479,11 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
             flags = eval_flags(args, variant, adapter, out, seed)
             if runner.command_line("evaluate", flags) in evals:
                 runner.skip(f"seed {seed}: evaluate {variant.key} (reused)")
-                result = {**evals[runner.command_line("evaluate", flags)], "train_seconds": train_s}
+                result = {
+                    **evals[runner.command_line("evaluate", flags)],
+                    "train_seconds": train_s,
+                    "train_command_seconds": own_s,
+                }
                 results.append(result)
                 once.setdefault(variant.key, result)
                 continue
@@ -484,7 +491,8 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
             summary = json.loads((out / f"{args.task}_summary.json").read_text(encoding="utf-8"))
             result = {"method": method, "row": variant.key, "label": label(variant, args), "seed": seed,
                       "train_command": train_line, "eval_command": line, "train_seconds": train_s,
-                      "eval_process_seconds": round(wall, 2), "eval_dir": str(out), "summary": summary,
+                      "train_command_seconds": own_s, "eval_process_seconds": round(wall, 2), "eval_dir": str(out),
+                      "summary": summary,
                       "stored_bytes": stored_bytes(method, adapter, args.members_of.get(recipe, []) if recipe
                                                    else [])}  # fmt: skip
             results.append(result)
