@@ -142,10 +142,7 @@ class Posterior:
         and a rename, so an interrupted save never leaves a broken posterior. Returns ``folder``."""
         from safetensors.torch import save_file
 
-        parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".posterior-", dir=parent)
-        try:
+        def write(tmp: str) -> None:
             state, seen = {}, set()
             for key, value in self.state_dict().items():
                 value = value.detach().contiguous().cpu()
@@ -156,18 +153,40 @@ class Posterior:
             save_file(state, os.path.join(tmp, WEIGHTS_NAME))
             with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
                 json.dump({"posterior": self.name, **self.config()}, f, indent=2)
-            if os.path.isdir(folder):
-                old = folder + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(folder, old)
-                os.rename(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return write_folder_atomically(folder, write, ".posterior-")
+
+
+def write_folder_atomically(folder: str, write: Callable[[str], None], prefix: str = ".tmp-") -> str:
+    """Runs ``write(tmp)`` on a new temporary folder beside ``folder``, then renames it into place (an earlier
+    ``folder`` is replaced only once the new one is complete), so an interrupted write never leaves a broken or
+    half-replaced folder. Returns ``folder``."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(folder):
+            old = folder + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_json(path: str) -> Any:
+    """The JSON in ``path``; a one-line error naming the file when it is not valid JSON."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as err:
+            raise InputError(f"{path}: not valid JSON ({err})") from None
 
 
 def posterior_folder(adapter_dir: str, name: str) -> str:
@@ -182,9 +201,4 @@ def read_saved(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
         raise InputError(f"{folder}: no saved posterior there ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except ValueError as err:
-            raise InputError(f"{config_path}: not valid JSON ({err})") from None
-    return config, load_file(weights_path)
+    return read_json(config_path), load_file(weights_path)

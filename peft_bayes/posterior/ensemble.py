@@ -11,7 +11,6 @@ Saving records the member folders only (no weights are copied): loading reads th
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -20,41 +19,38 @@ from typing import ClassVar
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import OptionScorer, Posterior, Progress
+from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def read_member(folder: str) -> dict:
-    """The ``adapter_config.json`` of an adapter folder; a one-line error when ``folder`` holds no adapter."""
+def read_member(folder: str, label: str = "ensemble") -> dict:
+    """The ``adapter_config.json`` of an adapter folder; a one-line error (naming the ``label``'s member) when
+    ``folder`` holds no adapter."""
     path = os.path.join(folder, ADAPTER_CONFIG)
     if not os.path.isfile(path):
-        raise InputError(f"ensemble member {folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+        raise InputError(f"{label} member {folder}: not an adapter folder (no {ADAPTER_CONFIG})")
     if not any(os.path.isfile(os.path.join(folder, w)) for w in ADAPTER_WEIGHTS):
-        raise InputError(f"ensemble member {folder}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except ValueError as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{label} member {folder}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    config = read_json(path)
     if not isinstance(config, dict) or "peft_type" not in config:
         raise InputError(f"{path}: not a PEFT adapter config (no peft_type)")
     return config
 
 
-def check_members(folders: Sequence[str]) -> dict:
+def check_members(folders: Sequence[str], label: str = "ensemble") -> dict:
     """One-line errors unless ``folders`` are >= 1 adapters of one type trained on one base model; returns the first
-    member's config."""
+    member's config. ``label`` names the mixture in the messages (ensemble, MultiSWAG)."""
     if not folders:
-        raise InputError("--posterior ensemble needs at least one member adapter folder")
-    configs = [read_member(f) for f in folders]
+        raise InputError(f"{label} needs at least one member adapter folder")
+    configs = [read_member(f, label) for f in folders]
     first = configs[0]
     for folder, config in zip(folders[1:], configs[1:]):
         for key, what in (("base_model_name_or_path", "base models"), ("peft_type", "adapter types")):
             if config.get(key) != first.get(key):
                 raise InputError(
-                    f"ensemble members were trained on different {what}: {folders[0]} has {key} "
+                    f"{label} members were trained on different {what}: {folders[0]} has {key} "
                     f"{first.get(key)!r}, {folder} has {config.get(key)!r}"
                 )
     return first

@@ -10,7 +10,6 @@ averaged over all passes. The deterministic pass (``samples == 0``) is one pass 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
@@ -19,35 +18,15 @@ import torch
 
 from peft_bayes.errors import InputError
 from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, posterior_folder, sample_seed
+from peft_bayes.posterior.ensemble import check_members as check_adapter_members
 from peft_bayes.posterior.swag import Swag
 
 MEMBER_PREFIX = "swag"
 
 
-def _adapter_config(folder: str) -> dict:
-    path = os.path.join(folder, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise InputError(f"MultiSWAG member {folder}: no adapter there (adapter_config.json expected)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
-
-
 def check_members(folders: Sequence[str]) -> None:
-    """One-line errors for fewer than one member, or members of different base models or adapter types."""
-    if not folders:
-        raise InputError("MultiSWAG needs at least one member adapter folder")
-    configs = [_adapter_config(f) for f in folders]
-    for key, what in (("base_model_name_or_path", "base models"), ("peft_type", "adapter types")):
-        first = configs[0].get(key)
-        for folder, config in zip(folders[1:], configs[1:]):
-            if config.get(key) != first:
-                raise InputError(
-                    f"MultiSWAG members were trained on different {what}: {first!r} ({folders[0]}) vs "
-                    f"{config.get(key)!r} ({folder})"
-                )
+    """One-line errors for no member, or members of different base models or adapter types."""
+    check_adapter_members(folders, "MultiSWAG")
 
 
 class MultiSwag(Posterior):

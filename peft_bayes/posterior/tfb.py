@@ -34,15 +34,13 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import Progress, sample_seed
+from peft_bayes.posterior.base import Progress, sample_seed, write_folder_atomically
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_nll, lm_nll
 
 TFB_CONFIG_NAME = "tfb_config.json"
@@ -440,25 +438,13 @@ def save_tfb(bayes_model, result: TfbResult, folder: str) -> str:
     Written to a temporary folder beside it, then renamed into place, so a failed save leaves an earlier one intact.
     ``PeftModel.from_pretrained(base, folder)`` loads it back as BayesLoRA. Returns ``folder``.
     """
-    folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tfb-", dir=parent)
-    try:
+
+    def write(tmp: str) -> None:
         bayes_model.save_pretrained(tmp)
         with open(os.path.join(tmp, TFB_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(result.to_dict(), f, indent=2)
-        if os.path.isdir(folder):
-            old = tmp + ".old"
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return write_folder_atomically(os.path.abspath(folder), write, ".tfb-")
 
 
 def load_tfb_result(folder: str) -> TfbResult:

@@ -26,17 +26,26 @@ def _run(cmd, env):
     return proc
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, port: int):
+    """train.py in one process into ``tmp_path/single`` and under torchrun (2 gloo processes) into
+    ``tmp_path/ddp`` with the same flags; (single folder, ddp folder, torchrun's completed process)."""
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], ENV)
+    proc = _run(
+        ["torchrun", "--nproc_per_node=2", f"--master_port={port}", "train.py",
+         *train_argv(llama_dir, data_file, multi), *common],
+        ENV,
+    )  # fmt: skip
+    return single, multi, proc
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_two_processes_matches_single_process(llama_dir, data_file, tmp_path, train_argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0"]
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
-    proc = _run(
-        ["torchrun", "--nproc_per_node=2", "--master_port=29533", "train.py",
-         *train_argv(llama_dir, data_file, multi), *common],
-        env,
-    )  # fmt: skip
+    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29533)
     assert "grad accumulation 1 x 2 process(es)" in proc.stdout
 
     a = load_file(single / "adapter_model.safetensors")
@@ -56,16 +65,9 @@ def test_torchrun_bayeslora_counts_the_kl_term_once(llama_dir, data_file, tmp_pa
     With --bayes_eps 1e-6 the posterior std is ~1e-12, so the sampled noise is far below the tolerance and both runs
     are deterministic, while the KL term (large: log sigma) still drives the update of rho and the means.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
               "--adapter_name", "bayeslora", "--bayes_eps", "1e-6", "--kl_schedule", "constant"]  # fmt: skip
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
-    _run(
-        ["torchrun", "--nproc_per_node=2", "--master_port=29534", "train.py",
-         *train_argv(llama_dir, data_file, multi), *common],
-        env,
-    )  # fmt: skip
+    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29534)
     a = load_file(single / "adapter_model.safetensors")
     b = load_file(multi / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("bayeslora_rho") for k in a)
@@ -76,14 +78,13 @@ def test_torchrun_bayeslora_counts_the_kl_term_once(llama_dir, data_file, tmp_pa
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI is not on PATH")
 def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_argv):
     """`accelerate launch` drives the same script (on CPU its launcher runs one process; MPI is needed for more)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--lora_dropout", "0"]
     plain, launched = tmp_path / "plain", tmp_path / "launched"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, plain), *common], env)
+    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, plain), *common], ENV)
     _run(
         ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "train.py", *train_argv(llama_dir, data_file, launched), *common],
-        env,
+        ENV,
     )  # fmt: skip
     a = load_file(plain / "adapter_model.safetensors")
     b = load_file(launched / "adapter_model.safetensors")
@@ -97,16 +98,9 @@ def test_torchrun_train_fits_laplace_on_all_the_data(llama_dir, data_file, tmp_p
     saves; the posterior covers every training example and matches one process's (same adapter up to 1e-5)."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--lora_dropout", "0",
               "--posterior", "laplace"]  # fmt: skip
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
-    _run(
-        ["torchrun", "--nproc_per_node=2", "--master_port=29535", "train.py",
-         *train_argv(llama_dir, data_file, multi), *common],
-        env,
-    )  # fmt: skip
+    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29535)
     a, b = (json.loads((d / "posterior" / "laplace" / "posterior_config.json").read_text()) for d in (single, multi))
     n_records = len(json.loads(Path(data_file).read_text()))
     assert a["n_data"] == b["n_data"] == n_records
@@ -120,16 +114,9 @@ def test_torchrun_swag_collects_once_the_synchronised_weights(llama_dir, data_fi
     one posterior, equal to one process's with the same global batch (to float32 rounding, as the adapters)."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
               "--posterior", "swag", "--swag_start", "0steps", "--swag_collect_every", "1"]  # fmt: skip
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], env)
-    _run(
-        ["torchrun", "--nproc_per_node=2", "--master_port=29536", "train.py",
-         *train_argv(llama_dir, data_file, multi), *common],
-        env,
-    )  # fmt: skip
+    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29536)
     folders = [d / "posterior" / "swag" for d in (single, multi)]
     configs = [json.loads((f / "posterior_config.json").read_text()) for f in folders]
     assert configs[0]["n_models"] == configs[1]["n_models"] == 3

@@ -46,15 +46,6 @@ LABELS = [1, 1, 0, 2]  # example 0's gold is not its MAP prediction (0): empiric
 LORA_WEIGHTS = ("lora_A", "lora_B")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread skips OpenMP's barriers, which cost more than the work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- independent reference: own scoring code, torch.func Jacobians over the site weights -----------------------------
 def weight_names(model, containers=LORA_WEIGHTS) -> list[str]:
     """The parameters that are adapter weight matrices, found by name (module order)."""

@@ -43,15 +43,6 @@ TEST_PAIRS = [
 TEST_LABELS = [1, 0, 1]  # an interior optimum of the validation NLL over the prior grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread skips OpenMP's barriers, which cost more than the work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- the dense oracle ------------------------------------------------------------------------------------------------
 def weight_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if re.search(r"\.lora_[AB]\.default\.weight$", n)]

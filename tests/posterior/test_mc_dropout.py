@@ -28,14 +28,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base(tiny_tokenizer):
     return build_tiny_model("gpt2", tiny_tokenizer, hidden_size=16, num_layers=2, num_heads=2).double().eval()

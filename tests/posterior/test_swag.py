@@ -28,14 +28,6 @@ from peft_bayes.tiny import build_tiny_model
 from peft_bayes.tuners import BottleneckConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def base(tok, hidden=32, layers=2, heads=4):
     return build_tiny_model("llama", tok, hidden_size=hidden, num_layers=layers, num_heads=heads, seed=0)
 

@@ -25,14 +25,6 @@ PAIRS = [
 LABELS = [0, 1, 0, 2, 0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
     base = build_tiny_model("gpt2", tiny_tokenizer, hidden_size=16, num_layers=1, num_heads=2)

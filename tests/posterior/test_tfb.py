@@ -51,14 +51,6 @@ LABELS = [0, 0, 1, 2]
 EPSILON, BOUNDS, TOL, SAMPLES = 0.05, (1e-3, 0.2), 0.02, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lora_model(tokenizer, seed: int = 0, **config):
     """A fresh float64 GPT-2 with a LoRA adapter whose B is random (TFB consumes the model it is given)."""
     base = build_tiny_model("gpt2", tokenizer, hidden_size=16, num_layers=1, num_heads=2)
