@@ -230,6 +230,8 @@ def check_args(args) -> None:
         raise InputError(f"--limit must be a positive number of examples, got {args.limit}")
     if args.samples is not None and args.samples < 0:
         raise InputError(f"--samples must be 0 (deterministic) or a positive number of samples, got {args.samples}")
+    if args.posterior == "none":  # train.py's spelling: the adapter's weights as they are
+        args.posterior = "map"
     check_posterior_flags(args)
 
 

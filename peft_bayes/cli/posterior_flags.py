@@ -17,7 +17,8 @@ from peft_bayes.cli.common import comma_list, str2bool
 from peft_bayes.errors import InputError
 
 POSTERIOR_CHOICES = (
-    "auto", "map", "bayeslora", "laplace", "swag", "multiswag", "mc_dropout", "ensemble", "tfb", "temperature",
+    "auto", "map", "none", "bayeslora", "laplace", "swag", "multiswag", "mc_dropout", "ensemble", "tfb",
+    "temperature",
 )  # fmt: skip
 TRAIN_POSTERIORS = ("none", "laplace", "swag")  # train.py: fitted after (laplace) or collected during (swag) training
 FIT_POSTERIORS = ("laplace", "temperature", "tfb")  # fitted on --fit_data_path after training, saved by the adapter
@@ -71,7 +72,7 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
         default="none" if training else "auto",
         choices=choices,
         help="laplace: fit a post-hoc Laplace posterior and save it next to the adapter; swag: collect SWAG moments"
-        + (" during training" if training else "; auto: the adapter's own (bayeslora) or none (map)"),
+        + (" during training" if training else "; auto: the adapter's own (bayeslora) or map; none = map"),
     )
     _add_swag_tfb_flags(p, training)
     if not training:

@@ -49,6 +49,9 @@ def test_train_saves_a_posterior_that_evaluate_reuses(trained, llama_dir, choice
     assert summary["laplace"]["n_fit"] == 12
     map_summary, map_rows = _eval(llama_dir, tmp_path / "b", "--adapter", trained, "--data_path", choice_sets["test"])
     assert map_summary["posterior"] == "map"
+    none_summary, none_rows = _eval(llama_dir, tmp_path / "c", "--adapter", trained, "--data_path",
+                                    choice_sets["test"], "--posterior", "none")  # fmt: skip
+    assert none_summary["posterior"] == "map" and [r["probs"] for r in none_rows] == [r["probs"] for r in map_rows]
     # Another predictive over the same options: each example's probabilities differ from MAP's and sum to 1.
     for lap, mp in zip(rows, map_rows):
         p, q = torch.tensor(lap["probs"], dtype=torch.float64), torch.tensor(mp["probs"], dtype=torch.float64)
