@@ -531,13 +531,16 @@ def label(variant: Variant, args: argparse.Namespace) -> str:
 COLUMNS = [  # (header, summary key, or "train" / "stored" (computed here), digits)
     ("ACC %", "accuracy_percent", 2), ("ECE %", "ece_percent", 2), ("NLL", "nll_nats", 4),
     ("Brier", "brier_sum_over_classes", 4), ("OOD AUROC", "ood_auroc", 3), ("eval examples/s", "examples_per_s", 2),
-    ("train minutes", "train", 1), ("stored / MAP", "stored", 2),
+    ("evaluate s", "process", 0), ("train minutes", "train", 1), ("stored / MAP", "stored", 2),
 ]  # fmt: skip
+# evaluate s: the evaluate.py process's wall seconds, model loading and any fit (Laplace, TFB, temperature) included
 
 
 def _value(result: dict, key: str, map_bytes: int | None = None) -> float | None:
     if key == "train":
         return None if result["train_seconds"] is None else result["train_seconds"] / 60
+    if key == "process":
+        return result.get("eval_process_seconds")
     if key == "stored":
         stored = result.get("stored_bytes")
         return None if stored is None or not map_bytes else stored / map_bytes
