@@ -17,9 +17,13 @@ What it does, every step through the repo-root scripts exactly as a user runs th
    and reports ACC / ECE / NLL / Brier; every method has one or more evaluation variants (BayesLoRA: the probabilities
    averaged over ``--samples`` posterior samples, and N = 0, the posterior mean).
 
-Methods are a table (``METHODS``): method -> (training recipe or none, evaluation variants). ``--methods`` takes
-method names (all their variants) or single variants (``bayeslora:mean``). Posteriors of later issues (Laplace,
-SWAG, ensembles) join by adding a training recipe (or reusing ``lora``'s adapter) and an entry.
+Methods are a table (``METHODS``): method -> (training recipe or none, evaluation variants, members). ``--methods``
+takes method names (all their variants) or single variants (``bayeslora:mean``): zero-shot, lora, bayeslora,
+laplace, temperature, mc_dropout, ensemble, swag, multiswag, tfb. Methods naming the same recipe share its adapter
+(Laplace, temperature, MC dropout and TFB are post hoc on the LoRA); ensembles and MultiSWAG train members with seeds
+s + 1000 i. Columns: ACC / ECE / NLL / Brier, the OOD AUROC (``--ood_task``), the scoring speed, the evaluate.py
+process's seconds (fits included) and its peak resident memory over the MAP evaluation's, the training minutes of
+every adapter a row uses, and the bytes it stores beside the base model over the MAP adapter's.
 
 Outputs under ``--output_dir`` (default ``bench/results``), written atomically (a failed run keeps earlier files):
 ``real_model_calibration_<task>.md`` (the table, also printed), ``.json`` (every summary per seed, the exact commands,
@@ -531,31 +535,39 @@ def label(variant: Variant, args: argparse.Namespace) -> str:
 COLUMNS = [  # (header, summary key, or "train" / "stored" (computed here), digits)
     ("ACC %", "accuracy_percent", 2), ("ECE %", "ece_percent", 2), ("NLL", "nll_nats", 4),
     ("Brier", "brier_sum_over_classes", 4), ("OOD AUROC", "ood_auroc", 3), ("eval examples/s", "examples_per_s", 2),
-    ("evaluate s", "process", 0), ("train minutes", "train", 1), ("stored / MAP", "stored", 2),
+    ("evaluate s", "process", 0), ("peak memory / MAP", "rss", 2), ("train minutes", "train", 1),
+    ("stored / MAP", "stored", 2),
 ]  # fmt: skip
-# evaluate s: the evaluate.py process's wall seconds, model loading and any fit (Laplace, TFB, temperature) included
+# evaluate s: the evaluate.py process's wall seconds, model loading and any fit (Laplace, TFB, temperature) included;
+# peak memory: that process's peak resident memory (its summary's peak_rss_bytes)
 
 
-def _value(result: dict, key: str, map_bytes: int | None = None) -> float | None:
+def _value(result: dict, key: str, map_units: dict) -> float | None:
     if key == "train":
         return None if result["train_seconds"] is None else result["train_seconds"] / 60
     if key == "process":
         return result.get("eval_process_seconds")
-    if key == "stored":
-        stored = result.get("stored_bytes")
-        return None if stored is None or not map_bytes else stored / map_bytes
+    if key in ("stored", "rss"):  # over the MAP run's of the same seed
+        mine = result["summary"].get("peak_rss_bytes") if key == "rss" else result.get("stored_bytes")
+        return None if mine is None or not map_units.get(key) else mine / map_units[key]
     value = result["summary"].get(key)
     return None if value is None else float(value)
 
 
-def _map_bytes(results: list[dict], seed: int) -> int | None:
-    """The MAP LoRA adapter's bytes of ``seed`` (the stored-state column's unit)."""
+def _map_units(results: list[dict], seed: int) -> dict:
+    """The MAP LoRA's bytes of ``seed``: its adapter's on disk (``stored``), its evaluation's peak resident memory
+    (``rss``, when the lora row ran); the units of the ``/ MAP`` columns."""
+    units = {}
     for r in results:
-        if r.get("seed") == seed and r.get("train_command") and r.get("eval_dir"):
+        if r.get("seed") != seed:
+            continue
+        if r.get("row") == "lora" and r.get("summary", {}).get("peak_rss_bytes"):
+            units["rss"] = r["summary"]["peak_rss_bytes"]
+        if "stored" not in units and r.get("train_command") and r.get("eval_dir"):
             folder = Path(r["train_command"].split("--output_dir ", 1)[1].split(" ", 1)[0])
             if folder.name == "train-lora" and folder.is_dir():
-                return sum(f.stat().st_size for f in folder.glob("adapter_model.safetensors"))
-    return None
+                units["stored"] = sum(f.stat().st_size for f in folder.glob("adapter_model.safetensors"))
+    return units
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -572,7 +584,7 @@ def aggregate(args: argparse.Namespace, results: list[dict]) -> list[dict]:
         runs = [r for r in results if r["row"] == variant.key and "reused_from_seed" not in r]
         row = {"method": method, "row": variant.key, "label": label(variant, args), "n_runs": len(runs)}
         for header, key, _ in COLUMNS:
-            values = [v for v in (_value(r, key, _map_bytes(results, r.get("seed"))) for r in runs) if v is not None]
+            values = [v for v in (_value(r, key, _map_units(results, r.get("seed"))) for r in runs) if v is not None]
             row[header] = None if not values else dict(zip(("mean", "std"), mean_std(values)))
         rows.append(row)
     return rows

@@ -52,6 +52,25 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def peak_memory() -> dict:
+    """This process's peak memory so far, in bytes (None where unknown): ``peak_rss_bytes``, the resident high-water
+    mark of this program's own address space (Linux ``VmHWM``; unlike ``ru_maxrss`` it does not start at the parent's
+    size when the process was forked), and ``peak_cuda_bytes``, the CUDA allocator's peak where CUDA was used."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    cuda = None
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = int(torch.cuda.max_memory_allocated())
+    return {"peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to a temp file beside ``path`` and renames it over ``path``: readers never see half a file, and
     a failed write leaves the old file intact."""

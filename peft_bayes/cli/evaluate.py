@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from peft_bayes.cli import adapters
-from peft_bayes.cli.common import ArgumentParser, str2bool, write_json_atomic
+from peft_bayes.cli.common import ArgumentParser, peak_memory, str2bool, write_json_atomic
 from peft_bayes.cli.posterior_flags import (
     MEMBER_POSTERIORS,
     STOCHASTIC_POSTERIORS,
@@ -369,6 +369,7 @@ def _summary(args, data: EvalSet, rows: list[dict], wall: float, samples: int, m
         "wall_time_s": round(wall, 3),
         "examples_per_s": round(n_examples / wall, 3),
         "batch_size": args.batch_size,
+        **peak_memory(),
     }
 
 

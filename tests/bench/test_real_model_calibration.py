@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "real_model_calibration.py"
 TASK = "ARC-Easy"
 ROW_LABELS = ["zero-shot (base model)", "LoRA (MAP)", "BayesLoRA (N=2)", "BayesLoRA (N=0, mean)"]
-COLUMNS = ["ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "eval examples/s", "evaluate s", "train minutes",
-           "stored / MAP"]  # fmt: skip
+COLUMNS = ["ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "eval examples/s", "evaluate s", "peak memory / MAP",
+           "train minutes", "stored / MAP"]  # fmt: skip
 HEADER = "| method | " + " | ".join(COLUMNS) + " |"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -73,12 +73,12 @@ def test_bench_runs_every_method_and_writes_table_json_and_figures(tiny_setup):
         assert cells["OOD AUROC"] == "–"  # no --ood_task
         numbers = ["ACC %", "ECE %", "NLL", "Brier", "eval examples/s", "evaluate s"]
         if not row.startswith("| zero-shot"):
-            numbers += ["train minutes", "stored / MAP"]
+            numbers += ["train minutes", "stored / MAP", "peak memory / MAP"]
         else:
             assert cells["train minutes"] == cells["stored / MAP"] == "–"  # nothing trained, nothing stored
         assert all(math.isfinite(float(cells[c])) for c in numbers), row
         if row.startswith("| LoRA"):
-            assert float(cells["stored / MAP"]) == 1.0
+            assert float(cells["stored / MAP"]) == float(cells["peak memory / MAP"]) == 1.0
         if row.startswith("| BayesLoRA"):
             assert float(cells["stored / MAP"]) > 1.0  # rho beside the means
     assert HEADER in proc.stdout and all(f"| {label} |" in proc.stdout for label in ROW_LABELS)
@@ -156,7 +156,7 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     rows = {r["row"]: r for r in data["table"]}
     assert list(rows) == ["lora", "temperature", "mc_dropout", "ensemble", "swag", "multiswag", "tfb", "laplace:all"]
     for key, row in rows.items():
-        for column in ("ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "stored / MAP"):
+        for column in ("ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "stored / MAP", "peak memory / MAP"):
             assert row[column] is not None and math.isfinite(row[column]["mean"]), (key, column)
     assert rows["lora"]["stored / MAP"]["mean"] == 1.0
     assert rows["ensemble"]["stored / MAP"]["mean"] == pytest.approx(2.0, rel=1e-2)  # two same-shaped adapters

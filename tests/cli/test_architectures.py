@@ -43,6 +43,7 @@ def _check_eval_outputs(out_dir, data_file, n=6) -> tuple[dict, list[dict]]:
     assert SUMMARY_KEYS <= set(summary), summary
     assert summary["n"] == n == len(rows)
     assert summary["wall_time_s"] > 0 and summary["examples_per_s"] > 0
+    assert summary["peak_rss_bytes"] > 2**20 and summary["peak_cuda_bytes"] is None  # Linux CI, no CUDA
     records = load_records(data_file, required=("instruction", "answer"))[:n]
     task = infer_task(records, "arith")
     for row, rec in zip(rows, records):
