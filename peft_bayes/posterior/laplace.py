@@ -4,9 +4,9 @@ A Gaussian ``N(θ*, P⁻¹)`` around the trained adapter weights θ*, with preci
 the log-likelihood on the fit data (``structure``: K-FAC ``kron``, ``diag`` or dense ``full``), δ the prior
 precision (one scalar or one per weight), tuned by the log marginal likelihood (closed form through the blocks'
 eigenvalues) or by the NLL on validation data. Predictions go through the linearised model (``glm``: the option
-scores' mean and covariance ``J P⁻¹ Jᵀ``, with a probit or Monte-Carlo link) or through weight samples (``nn``,
-also used for generation). The likelihood is ``choice`` (a categorical over each example's options, scored exactly
-as evaluation scores them) or ``lm`` (the response tokens).
+scores' mean and covariance ``J P⁻¹ Jᵀ``, with a pairwise probit or Monte-Carlo link) or through weight samples
+(``nn``, also used for generation). The likelihood is ``choice`` (a categorical over each example's options, scored
+exactly as evaluation scores them) or ``lm`` (the response tokens).
 
 Parameters that are not weight matrices (biases, DoRA's magnitudes, learned scales) stay at their trained values.
 """
@@ -418,14 +418,22 @@ def glm_probabilities(
     f: torch.Tensor, cov: torch.Tensor, link: str, samples: int = 100, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """(B, K) predictive probabilities of option scores ``f`` (B, K; ``-inf`` = no option) with covariance ``cov``
-    (B, K, K): the probit approximation softmax(f / sqrt(1 + π/8 σ²)), or the average softmax of ``samples`` draws
-    f + L z."""
+    (B, K, K): the pairwise probit approximation, or the average softmax of ``samples`` draws f + L z (``mc``).
+
+    Pairwise probit: softmax_k(f) = 1 / Σ_j exp(-(f_k - f_j)), and each difference is scaled by MacKay's factor
+    1 / sqrt(1 + π/8 Var(f_k - f_j)) with Var(f_k - f_j) = Σ_kk + Σ_jj - 2 Σ_kj (the mean-field approximation of
+    Lu, Ie and Sha 2020, here with the correlations), then renormalised. Like the exact Gaussian predictive, it does
+    not change when every score moves by the same amount, nor under covariance that only shifts all scores together
+    — the per-class softmax(f / sqrt(1 + π/8 Σ_kk)) does both, which on option log-likelihoods (large and negative)
+    favours whichever option has the largest variance. With two options it is MacKay's probit of the difference."""
     valid = torch.isfinite(f)
     f0 = torch.where(valid, f, torch.zeros_like(f))
     if link == "probit":
-        var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0)
-        scaled = f0 / torch.sqrt(1 + math.pi / 8 * var)
-        return scaled.masked_fill(~valid, float("-inf")).softmax(-1)
+        diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+        var = (diag[..., :, None] + diag[..., None, :] - 2 * cov).clamp_min(0)  # (B, K, K): Var(f_k - f_j)
+        diff = (f0[..., :, None] - f0[..., None, :]) / torch.sqrt(1 + math.pi / 8 * var)
+        log_p = -torch.logsumexp((-diff).masked_fill(~valid[..., None, :], float("-inf")), dim=-1)
+        return log_p.masked_fill(~valid, float("-inf")).softmax(-1)
     eigvals, eigvecs = torch.linalg.eigh(cov)
     root = eigvecs * eigvals.clamp_min(0).sqrt()[..., None, :]  # (B, K, K), root rootᵀ = cov
     z = torch.randn((samples, *f.shape), generator=generator, dtype=f.dtype)

@@ -21,7 +21,7 @@ from torch.func import functional_call, jacrev
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.predictive import PairScorer
 from peft_bayes.posterior import Laplace, LaplaceOptions, load_posterior
-from peft_bayes.posterior.laplace import PRIOR_GRID, glm_probabilities
+from peft_bayes.posterior.laplace import glm_probabilities
 from peft_bayes.posterior.likelihood import IGNORE
 from peft_bayes.tiny import build_tiny_model
 
@@ -193,9 +193,23 @@ def test_glm_moments_match_dense(setup, structure):
             torch.testing.assert_close(cov, per_prior[b], **F64)
 
 
+def pairwise_probit(f: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """The pairwise probit of one example, written out: p_k ∝ 1 / Σ_j exp(-(f_k - f_j) / sqrt(1 + π/8 v_kj)),
+    v_kj = Var(f_k - f_j)."""
+    k = f.shape[0]
+    p = torch.empty(k, dtype=torch.float64)
+    for a in range(k):
+        total = 0.0
+        for b in range(k):
+            v = cov[a, a] + cov[b, b] - 2 * cov[a, b]
+            total += math.exp(-float(f[a] - f[b]) / math.sqrt(1 + math.pi / 8 * float(v)))
+        p[a] = 1 / total
+    return p / p.sum()
+
+
 def test_option_probs_are_the_dense_probit_predictive(setup):
-    """End to end (``option_probs`` of the scorer evaluation hands over): softmax(f / sqrt(1 + π/8 diag Σ_f)) of each
-    example's own options, with the full structure's dense oracle."""
+    """End to end (``option_probs`` of the scorer evaluation hands over): the pairwise probit of each example's own
+    options' scores and covariance, with the full structure's dense oracle."""
     model, fit_batches, scorer, test_batches, dense = setup
     laplace = fitted(model, fit_batches, structure="full")
     laplace.prior_precision = torch.tensor([0.2], dtype=torch.float64)
@@ -204,7 +218,7 @@ def test_option_probs_are_the_dense_probit_predictive(setup):
     for batch, (f, _), cov in zip(test_batches, dense.tests, covs):
         for row, index in enumerate(batch.index.tolist()):
             k = len(TEST_PAIRS[index])
-            expected = (f[row, :k] / torch.sqrt(1 + math.pi / 8 * cov[row].diagonal()[:k])).softmax(-1)
+            expected = pairwise_probit(f[row, :k], cov[row][:k, :k])
             torch.testing.assert_close(probs[index], expected, **F64)
             assert (probs[index] - f[row, :k].softmax(-1)).abs().max() > 1e-3  # the covariance matters
 
@@ -222,17 +236,31 @@ def test_glm_probabilities_probit_and_mc_links():
     r = torch.tensor([[0.5, 0.2, -0.4], [0.1, 0.9, 0.3], [0.0, -0.6, 0.8]], dtype=torch.float64)
     cov = torch.stack([a, r @ r.T])
     probit = glm_probabilities(f, cov, "probit")
-    scaled = f / torch.sqrt(1 + math.pi / 8 * cov.diagonal(dim1=1, dim2=2))
-    torch.testing.assert_close(probit, scaled.softmax(-1), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(probit[0, :2], pairwise_probit(f[0, :2], cov[0][:2, :2]), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(probit[1], pairwise_probit(f[1], cov[1]), rtol=1e-12, atol=1e-15)
     assert probit[0, 2] == 0 and torch.allclose(probit.sum(-1), torch.ones(2, dtype=torch.float64))
+    # Two options: MacKay's probit of the difference, sigmoid(d / sqrt(1 + π/8 Var d)).
+    d, v = 2.0, 1.2 + 0.7 - 0.6
+    assert math.isclose(float(probit[0, 0]), 1 / (1 + math.exp(-d / math.sqrt(1 + math.pi / 8 * v))), rel_tol=1e-12)
 
     mc = glm_probabilities(f, cov, "mc", samples=200_000, generator=torch.Generator().manual_seed(0))
     assert mc[0, 2] == 0 and torch.allclose(mc.sum(-1), torch.ones(2, dtype=torch.float64))
     # Two options: p_0 = E[sigmoid(f_0 - f_1 + noise)], the noise's variance a00 + a11 - 2 a01: a 1-D integral.
     exact = logistic_normal_mean(2.0, 1.2 + 0.7 - 0.6)
     assert abs(float(mc[0, 0]) - exact) < 4 * 0.5 / math.sqrt(200_000)  # 4 standard errors (std ≤ 0.5)
-    assert abs(float(probit[0, 0]) - exact) < 0.03  # the probit approximation: close, not equal
-    assert abs(float(probit[0, 0]) - exact) > 1e-3
+    assert abs(float(probit[0, 0]) - exact) < 0.002  # the probit approximation: close (here 6e-4), not exact
+    # Like the exact predictive, blind to what moves every score together: a shift of the means (option
+    # log-likelihoods sit far below zero), and covariance along the all-ones direction.
+    shifted = glm_probabilities(f - 40.0, cov, "probit")
+    torch.testing.assert_close(shifted, probit, rtol=1e-12, atol=1e-15)
+    ones = torch.ones(2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(glm_probabilities(f - 40.0, cov + 9.0 * ones, "probit"), probit, rtol=1e-10, atol=1e-12)
+    # Four options with log-likelihood-like scores, against the Monte-Carlo predictive (the exact one to 200k draws).
+    g = torch.tensor([[-31.0, -32.5, -30.2, -33.0]], dtype=torch.float64)
+    q = torch.tensor([[0.9, 0.1, -0.3, 0.2], [0.4, 1.1, 0.2, -0.5], [0.0, 0.3, 0.6, 0.1], [0.2, -0.2, 0.5, 1.3]])
+    gcov = (q @ q.T).to(torch.float64)[None] + 2.0  # a large shared component, as LoRA perturbations give
+    exact4 = glm_probabilities(g, gcov, "mc", samples=200_000, generator=torch.Generator().manual_seed(1))
+    assert (glm_probabilities(g, gcov, "probit") - exact4).abs().max() < 0.03
     # Zero covariance: both links are the plain softmax.
     zero = torch.zeros_like(cov)
     torch.testing.assert_close(glm_probabilities(f, zero, "probit"), f.softmax(-1), rtol=1e-12, atol=1e-15)
@@ -244,16 +272,17 @@ def test_tune_prior_on_validation_is_the_dense_argmin(setup):
     copy with LoRA dropout, left in training mode, must give the eval-mode answer and stay in training mode)."""
     model, fit_batches, _, test_batches, dense = setup
     laplace = fitted(model, fit_batches, structure="full", prior_method="val")
-    grid = PRIOR_GRID[::2]
+    grid = tuple(10.0 ** (k / 2) for k in range(-16, 13))  # 1e-8 ... 1e6: here the optimum is below 1e-3
     nll = []
     for delta in grid:
         total = 0.0
         for batch, (f, _), cov in zip(test_batches, dense.tests, dense.covariances(dense.H, delta)):
-            p = (f / torch.sqrt(1 + math.pi / 8 * cov.diagonal(dim1=1, dim2=2))).softmax(-1)
-            total -= float(p.gather(1, batch.labels[:, None]).log().sum())
+            for row, (index, label) in enumerate(zip(batch.index.tolist(), batch.labels.tolist())):
+                k = len(TEST_PAIRS[index])
+                total -= math.log(float(pairwise_probit(f[row, :k], cov[row][:k, :k])[label]))
         nll.append(total)
     best = grid[int(np.argmin(nll))]
-    assert grid[0] < best < grid[-1]  # an interior optimum
+    assert grid[0] < best < grid[-1], nll  # an interior optimum
     assert laplace.tune_prior_on_validation(test_batches, grid) == best
     assert laplace.prior_precision.tolist() == [best]
 
