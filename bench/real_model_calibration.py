@@ -580,11 +580,12 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 def aggregate(args: argparse.Namespace, results: list[dict]) -> list[dict]:
     """One table row per variant: mean (and sample std over seeds where a seed changes the run) of every column."""
     rows = []
+    units = {seed: _map_units(results, seed) for seed in {r.get("seed") for r in results}}  # once per seed
     for method, variant in args.rows:
         runs = [r for r in results if r["row"] == variant.key and "reused_from_seed" not in r]
         row = {"method": method, "row": variant.key, "label": label(variant, args), "n_runs": len(runs)}
         for header, key, _ in COLUMNS:
-            values = [v for v in (_value(r, key, _map_units(results, r.get("seed"))) for r in runs) if v is not None]
+            values = [v for v in (_value(r, key, units[r.get("seed")]) for r in runs) if v is not None]
             row[header] = None if not values else dict(zip(("mean", "std"), mean_std(values)))
         rows.append(row)
     return rows

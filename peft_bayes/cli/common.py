@@ -62,6 +62,7 @@ def peak_memory() -> dict:
             for line in f:
                 if line.startswith("VmHWM:"):
                     rss = int(line.split()[1]) * 1024  # kB
+                    break
     except OSError:
         pass
     torch = sys.modules.get("torch")
