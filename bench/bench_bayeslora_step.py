@@ -37,7 +37,7 @@ Explicit size flags override the preset.
 What it measures, per row:
 
 - **step ms**: wall time of one optimizer step: ``zero_grad`` + forward + NLL (+ ``kl_weight * KL / N`` for
-  BayesLoRA, as ``peft_bayes/cli/trainer.py`` adds it) + backward + ``AdamW.step``. Every configuration holds its
+  BayesLoRA, as ``peft_bayes/training.py`` adds it) + backward + ``AdamW.step``. Every configuration holds its
   own copy of the same base model (same seed, same batch). Steps are interleaved (A B C, B C A, ... one step each,
   the order rotated every round) so that drift (thermal, other load) hits all alike; on CUDA every step is bracketed
   by ``torch.cuda.synchronize``. Reported: median and IQR over all timed steps (``--repeats`` blocks of ``--steps``

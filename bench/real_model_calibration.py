@@ -99,9 +99,19 @@ class Method:
         return int(getattr(args, self.members)) if self.members else 1
 
 
-def _bayes_flags(a: argparse.Namespace) -> list[str]:
-    return ["--adapter_name", "bayeslora", "--prior_std", str(a.prior_std), "--bayes_eps", str(a.bayes_eps),
-            "--kl_schedule", a.kl_schedule, "--kl_weight", str(a.kl_weight)]  # fmt: skip
+def _bayes_flags(optimizer: str | None = None) -> Flags:
+    """BayesLoRA's train.py flags; ``optimizer`` fixes ``--bayes_optimizer`` (else the bench's)."""
+
+    def flags(a: argparse.Namespace) -> list[str]:
+        opt = optimizer or a.bayes_optimizer
+        out = ["--adapter_name", "bayeslora", "--prior_std", str(a.prior_std), "--bayes_eps", str(a.bayes_eps),
+               "--kl_weight", str(a.kl_weight), "--bayes_optimizer", opt]  # fmt: skip
+        if opt == "single":
+            return out + ["--kl_schedule", a.kl_schedule]
+        return out + ["--bayes_kllr", str(a.bayes_kllr), "--bayes_gamma", str(a.bayes_gamma),
+                      "--bayes_datasetrescaling", str(a.bayes_datasetrescaling).lower()]  # fmt: skip
+
+    return flags
 
 
 def _swag_train_flags(a: argparse.Namespace) -> list[str]:
@@ -113,7 +123,8 @@ def _swag_train_flags(a: argparse.Namespace) -> list[str]:
 # training recipe -> train.py flags beyond the shared ones (model, data, rank, lr, batch, seed, ...)
 TRAININGS: dict[str, Flags] = {
     "lora": lambda a: ["--adapter_name", "lora"],
-    "bayeslora": _bayes_flags,
+    "bayeslora": _bayes_flags(),
+    "bayeslora-single": _bayes_flags("single"),  # the one-AdamW path, beside BLoB's two optimizers
     "swag": _swag_train_flags,  # LoRA with SWAG collected during training (train.py --posterior swag)
 }
 METHODS: dict[str, Method] = {
@@ -122,8 +133,23 @@ METHODS: dict[str, Method] = {
     "bayeslora": Method(
         "bayeslora",
         (
-            Variant("bayeslora:samples", "BayesLoRA (N={samples})", lambda a: ["--samples", str(a.samples)]),
+            Variant(
+                "bayeslora:samples",
+                "BayesLoRA (N={samples})",
+                lambda a: ["--samples", str(a.samples), "--bayes_eval_draw", a.bayes_eval_draw],
+            ),  # fmt: skip
             Variant("bayeslora:mean", "BayesLoRA (N=0, mean)", lambda a: ["--samples", "0"]),
+        ),
+    ),
+    "bayeslora_single": Method(
+        "bayeslora-single",
+        (
+            Variant(
+                "bayeslora_single:samples",
+                "BayesLoRA, one AdamW (N={samples})",
+                lambda a: ["--samples", str(a.samples), "--bayes_eval_draw", a.bayes_eval_draw],
+            ),  # fmt: skip
+            Variant("bayeslora_single:mean", "BayesLoRA, one AdamW (N=0, mean)", lambda a: ["--samples", "0"]),
         ),
     ),
 }
@@ -191,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_test", type=int, default=200, help="test questions (the first N of test.json)")
     g.add_argument("--methods", type=comma_list, default="zero-shot,lora,bayeslora", help=f"of: {_method_help()}")
     g.add_argument("--seeds", type=_int_list, default="0", help="training and sampling seeds; mean ± std over >1")
-    g.add_argument("--choice_format", choices=["label", "cloze"], default="cloze")
+    g.add_argument("--choice_format", choices=["label", "cloze", "letter"], default="cloze")
     g.add_argument("--prompt_template", default="chat", help="train/evaluate --prompt_template")
     g.add_argument("--choice_norm", choices=["none", "tokens", "chars"], default="none", help="evaluate.py's")
     g = p.add_argument_group("training (train.py) and evaluation (evaluate.py)")
@@ -203,6 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--target_modules", default="q_proj,v_proj")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--warmup_steps", type=int, default=3)
+    g.add_argument("--warmup_ratio", type=float, default=None, help="train.py's (overrides --warmup_steps)")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--batch_size", type=int, default=16, help="train.py global batch")
     g.add_argument("--micro_batch_size", type=int, default=8)
     g.add_argument("--cutoff_len", type=int, default=256)
@@ -210,8 +239,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--samples", type=int, default=10, help="BayesLoRA posterior samples (the N>0 variant)")
     g.add_argument("--prior_std", type=float, default=0.2)
     g.add_argument("--bayes_eps", type=float, default=0.05)
-    g.add_argument("--kl_schedule", default="blob")
+    g.add_argument("--kl_schedule", default="blob", help="the single-AdamW path's KL schedule")
     g.add_argument("--kl_weight", type=float, default=1.0)
+    g.add_argument("--bayes_optimizer", choices=["blob", "single"], default="blob", help="the bayeslora rows'")
+    g.add_argument("--bayes_kllr", type=float, default=0.01)
+    g.add_argument("--bayes_gamma", type=float, default=8.0)
+    g.add_argument("--bayes_datasetrescaling", type=_bool, default=True)
+    g.add_argument("--bayes_eval_draw", choices=["forward", "pass"], default="forward")
+    g.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="val: score --n_val questions of "
+        "train.json outside the training slice instead of the test set (choose hyperparameters there)",
+    )
+    g.add_argument("--tag", default="", help="suffix of the output files (real_model_calibration_<task>_<tag>)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=str(ROOT / "bench" / "results"))
     g.add_argument("--work_dir", default=None, help="adapters, slices, logs (default: <output_dir>/work-<task>)")
@@ -235,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rows = _select_rows(p, args.methods)
     if any(m == "mc_dropout" for m, _ in args.rows) and args.lora_dropout <= 0:
         p.error("--methods mc_dropout needs --lora_dropout > 0 (the LoRA adapter is trained with dropout)")
+    if args.split == "val" and any(m == "temperature" for m, _ in args.rows):
+        p.error("--split val scores the validation slice that temperature scaling fits on: drop temperature")
     if args.ensemble_size < 2 and any(m in ("ensemble", "multiswag") for m, _ in args.rows):
         p.error(f"--ensemble_size must be at least 2, got {args.ensemble_size}")
     for flag in ("n_train", "n_test", "rank", "batch_size", "micro_batch_size", "eval_batch_size", "n_val",
@@ -242,6 +286,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     return args
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 def _int_list(text: str) -> list[int]:
@@ -382,13 +432,20 @@ def train_flags(args: argparse.Namespace, recipe: str, data: Path, out: Path, se
         "--cutoff_len", str(args.cutoff_len), "--val_set_size", "0", "--train_on_inputs", "false",
         "--save_step", "1000000", "--logging_steps", "5", "--seed", str(seed),
     ]  # fmt: skip
+    if args.warmup_ratio is not None:
+        shared += ["--warmup_ratio", str(args.warmup_ratio)]
+    if args.adam_epsilon != 1e-8 or args.max_grad_norm != 1.0:
+        shared += ["--adam_epsilon", str(args.adam_epsilon), "--max_grad_norm", str(args.max_grad_norm)]
     return shared + TRAININGS[recipe](args)
 
 
 def eval_flags(args: argparse.Namespace, variant: Variant, adapter: Path | None, out: Path, seed: int) -> list[str]:
     flags = ["--base_model", args.base_model] + (["--adapter", str(adapter)] if adapter else [])
+    where = ["--data_dir", args.data_dir, "--dataset", args.task]
+    if args.split == "val":  # the validation slice, under the task's name (its summary file is <task>_summary.json)
+        where = ["--data_path", args.val_slice, "--dataset", args.task]
     flags += [
-        "--data_dir", args.data_dir, "--dataset", args.task, "--limit", str(args.n_test), "--output_dir", str(out),
+        *where, "--limit", str(args.n_test), "--output_dir", str(out),
         "--prompt_template", args.prompt_template, "--choice_format", args.choice_format,
         "--choice_norm", args.choice_norm, "--batch_size", str(args.eval_batch_size), "--seed", str(seed),
     ]  # fmt: skip
@@ -415,6 +472,12 @@ def count_steps(args: argparse.Namespace) -> int:
     per_seed = sum(v.per_seed for _, v in args.rows)
     n_train = sum(trainings(args).values())
     return len(args.seeds) * (n_train + per_seed) + sum(not v.per_seed for _, v in args.rows)
+
+
+def earlier_records(work: Path) -> list[dict]:
+    """The work folder's progress.json records (every earlier training and evaluation), [] without one."""
+    path = work / "progress.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def earlier_runs(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
@@ -459,6 +522,7 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
     """Every (seed, row): trains each recipe once per seed, evaluates each variant; one result dict per run."""
     results, once = [], {}
     trains, evals = earlier_runs(args, work)
+    kept = earlier_records(work) if args.resume else []  # other rows' runs stay in progress.json for later resumes
     args.train_slice = str(train_data)  # the Laplace variants fit on it
     n_adapters = trainings(args)
     members_done: list[dict] = []  # ensemble members' trainings, recorded for --resume
@@ -502,7 +566,9 @@ def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Pa
             results.append(result)
             once.setdefault(variant.key, result)
             # partial results survive a later failure; every training (ensemble members too) for --resume
-            write_json_atomic(str(work / "progress.json"), results + members_done)
+            done = {r.get("eval_command") for r in results}
+            older = [r for r in kept if r.get("eval_command") is None or r["eval_command"] not in done]
+            write_json_atomic(str(work / "progress.json"), results + members_done + older)
     return results
 
 
@@ -564,7 +630,7 @@ def _map_units(results: list[dict], seed: int) -> dict:
         if r.get("row") == "lora" and r.get("summary", {}).get("peak_rss_bytes"):
             units["rss"] = r["summary"]["peak_rss_bytes"]
         if "stored" not in units and r.get("train_command") and r.get("eval_dir"):
-            folder = Path(r["train_command"].split("--output_dir ", 1)[1].split(" ", 1)[0])
+            folder = _adapter_of(r)
             if folder.name == "train-lora" and folder.is_dir():
                 units["stored"] = sum(f.stat().st_size for f in folder.glob("adapter_model.safetensors"))
     return units
@@ -604,6 +670,34 @@ def markdown(rows: list[dict]) -> str:
                 cells.append(f"{cell['mean']:.{digits}f}{std}")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def conclusion(rows: list[dict]) -> str:
+    """One line saying what the table shows: the MAP's ECE against zero-shot's, the best-calibrated other row and
+    temperature scaling's, each with its accuracy (means over the seeds run)."""
+
+    def cell(row: dict, header: str) -> float | None:
+        return None if row.get(header) is None else row[header]["mean"]
+
+    by_row = {r["row"]: r for r in rows}
+    fine_tuned = by_row.get("lora")
+    if fine_tuned is None or cell(fine_tuned, "ECE %") is None:
+        return "no LoRA (MAP) row: nothing to compare against"
+    ece, acc = cell(fine_tuned, "ECE %"), cell(fine_tuned, "ACC %")
+    parts = [f"MAP LoRA: ECE {ece:.1f} % at {acc:.1f} % accuracy"]
+    if "zero-shot" in by_row:
+        zero = by_row["zero-shot"]
+        parts[0] += f" (zero-shot {cell(zero, 'ECE %'):.1f} % / {cell(zero, 'ACC %'):.1f} %)"
+    others = [r for r in rows if r["row"] not in ("lora", "zero-shot") and cell(r, "ECE %") is not None]
+    best = min(others, key=lambda r: cell(r, "ECE %")) if others else None
+    if best is not None:
+        ratio = cell(best, "ECE %") / ece if ece else float("nan")
+        parts.append(f"lowest ECE: {best['label']} {cell(best, 'ECE %'):.1f} % ({ratio:.2f} x the MAP's) at "
+                     f"{cell(best, 'ACC %'):.1f} % accuracy")  # fmt: skip
+    if "temperature" in by_row and best is not None and best["row"] != "temperature":
+        t = by_row["temperature"]
+        parts.append(f"temperature scaling {cell(t, 'ECE %'):.1f} % at {cell(t, 'ACC %'):.1f} %")
+    return "; ".join(parts)
 
 
 def machine_info() -> dict:
@@ -683,24 +777,90 @@ def combined_figure(args: argparse.Namespace, results: list[dict], path: Path) -
     return save_figure_atomic(fig, path, dpi=110)
 
 
+def _adapter_of(result: dict) -> Path | None:
+    command = result.get("train_command") or ""
+    return Path(command.split("--output_dir ", 1)[1].split(" ", 1)[0]) if "--output_dir " in command else None
+
+
+def sigma_trajectories(results: list[dict]) -> list[dict]:
+    """Every BayesLoRA training's sigma over its optimizer steps (train.py's train_args.json), once per adapter."""
+    out, seen = [], set()
+    for r in results:
+        folder = _adapter_of(r)
+        if not r["method"].startswith("bayeslora") or folder is None or folder in seen:
+            continue
+        seen.add(folder)
+        path = folder / "train_args.json"
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            out.append({"method": r["method"], "seed": r["seed"], "optimizer": saved.get("bayes_optimizer"),
+                        "trajectory": saved.get("sigma_trajectory", [])})  # fmt: skip
+    return out
+
+
+def sigma_figure(args: argparse.Namespace, trajectories: list[dict], path: Path) -> str | None:
+    """sigma's mean (solid) and max (dotted) over the optimizer steps, one line per training; None without
+    matplotlib or without BayesLoRA rows."""
+    if not trajectories or not any(t["trajectory"] for t in trajectories):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no sigma figure (matplotlib is not installed)")
+        return None
+    from peft_bayes.metrics import save_figure_atomic
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = {"blob": "tab:blue", "single": "tab:orange"}
+    names = {"blob": "BLoB's two optimizers", "single": "one AdamW"}
+    labelled = set()
+    for t in trajectories:
+        steps = [e["step"] for e in t["trajectory"]]
+        color = colors.get(t["optimizer"], "gray")
+        name = names.get(t["optimizer"], str(t["optimizer"]))
+        ax.plot(steps, [e["sigma_mean"] for e in t["trajectory"]], color=color,
+                label=None if name in labelled else f"{name}: mean sigma")  # fmt: skip
+        ax.plot(steps, [e["sigma_max"] for e in t["trajectory"]], ":", color=color,
+                label=None if name in labelled else f"{name}: max sigma")  # fmt: skip
+        labelled.add(name)
+    ax.axhspan(args.bayes_eps**2 / 2, args.bayes_eps**2, color="gray", alpha=0.2, label="initial sigma range")
+    ax.set(yscale="log", xlabel="optimizer step", ylabel="posterior std sigma of A")
+    ax.set_title(f"BayesLoRA sigma, {args.task} ({args.choice_format}), seeds {args.seeds}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure_atomic(fig, path, dpi=110)
+
+
+def report_stem(args: argparse.Namespace) -> str:
+    return f"{STEM}_{args.task}" + (f"_{args.tag}" if args.tag else "") + ("_val" if args.split == "val" else "")
+
+
 def write_report(args, results: list[dict], runner: Runner, extra: dict) -> str:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{STEM}_{args.task}"
+    stem = report_stem(args)
     rows = aggregate(args, results)
     md = markdown(rows)
     pngs = copy_diagrams(results, out, stem)
     combined = combined_figure(args, results, out / f"{stem}_reliability.png")
+    sigmas = sigma_trajectories(results)
+    sigma_png = sigma_figure(args, sigmas, out / f"{stem}_sigma.png")
     settings = {k: v for k, v in vars(args).items() if k != "rows"}
     settings["methods"] = [v.key for _, v in args.rows]
     record = {"settings": settings, **extra, "commands": runner.commands, "table": rows, "table_markdown": md,
               "results": results, "reliability_diagrams": pngs, "combined_reliability_diagram": combined,
+              "sigma_trajectories": sigmas, "sigma_figure": sigma_png,
               "wall_time_minutes": round((time.perf_counter() - runner.t0) / 60, 2)}  # fmt: skip
-    write_json_atomic(str(out / f"{stem}.json"), record)
     title = f"{args.base_model} on {args.task} ({args.choice_format}, {args.prompt_template} prompts)"
     header = f"{title}: {args.n_train} training / first {args.n_test} test questions, seeds {args.seeds}\n\n"
-    write_text_atomic(out / f"{stem}.md", header + md + "\n")
-    return md
+    summary_line = conclusion(rows)
+    record["conclusion"] = summary_line
+    write_json_atomic(str(out / f"{stem}.json"), record)
+    write_text_atomic(out / f"{stem}.md", header + md + "\n\n" + summary_line + "\n")
+    return md + "\n\n" + summary_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         test = check_test_set(args)
         train_data, index = write_train_slice(args, work)
         args.members_of = {}
-        if any(m == "temperature" for m, _ in args.rows):
+        if args.split == "val" or any(m == "temperature" for m, _ in args.rows):
             args.val_slice = str(write_val_slice(args, work, index))
         runner = Runner(args, work, count_steps(args))
         rows = ", ".join(v.key for _, v in args.rows)
@@ -726,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    print(f"\n{md}\n\n{runner.elapsed()} written to {Path(args.output_dir) / (STEM + '_' + args.task)}.{{md,json}}")
+    print(f"\n{md}\n\n{runner.elapsed()} written to {Path(args.output_dir) / report_stem(args)}.{{md,json}}")
     return 0
 
 

@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--seed", type=int, default=0, help="seed of the posterior sample draws")
     b.add_argument(
+        "--bayes_eval_draw",
+        default="forward",
+        choices=["forward", "pass"],
+        help="BayesLoRA / TFB samples of multiple-choice scoring: forward = a fresh noise draw and flipout signs on "
+        "every forward pass (BLoB); pass = one weight sample held for the whole pass over the data (generation "
+        "always holds one sample per pass)",
+    )
+    b.add_argument(
         "--choice_prefix",
         default=DEFAULT_PREFIX,
         help="multiple choice: response text before the scored option label ('' scores the bare label) "
@@ -89,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="label",
         choices=CHOICE_FORMATS,
         help="multiple choice: label = score the option label after --choice_prefix (LLM-Adapters); cloze = score "
-        "each option's text as the response to the question alone (small models; lm-evaluation-harness)",
+        "each option's text as the response to the question alone (small models; lm-evaluation-harness); letter = "
+        "the lettered question, the K-way softmax over the letter tokens at 'Answer:' (BLoB, Laplace-LoRA, SWAG-LoRA)",
     )
     b.add_argument(
         "--choice_norm",
@@ -200,8 +209,8 @@ def load_eval_set(name: str, path: str, limit: int | None, prompter, choice_form
 
     records = load_records(path, required=("instruction", "answer"), split="test")[:limit]
     task = TASKS[name] if name in TASKS else infer_task(records, name)
-    if task.kind == "choice" and choice_format == "cloze":
-        return _cloze_eval_set(name, path, records, task, prompter)
+    if task.kind == "choice" and choice_format in ("cloze", "letter"):
+        return _parsed_eval_set(name, path, records, task, prompter, choice_format)
     prompts = [prompter.generate_prompt(r["instruction"], r.get("input")) for r in records]
     data = EvalSet(name, path, records, task, prompts)
     if task.kind == "choice":
@@ -211,14 +220,23 @@ def load_eval_set(name: str, path: str, limit: int | None, prompter, choice_form
     return data
 
 
-def _cloze_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, prompter) -> EvalSet:
-    from peft_bayes.data.choices import parse_choice_question
+def _parsed_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, prompter, fmt: str) -> EvalSet:
+    """The cloze and letter formats: the question and its options parsed out of each instruction."""
+    from peft_bayes.data.choices import letter_instruction, parse_choice_question
 
-    questions = [parse_choice_question(r, f"{path}: record {i}") for i, r in enumerate(records)]
-    prompts = [prompter.generate_prompt(q.stem, r.get("input")) for q, r in zip(questions, records)]
+    where = [f"{path}: record {i}" for i in range(len(records))]
+    questions = [parse_choice_question(r, w) for r, w in zip(records, where)]
+    if fmt == "letter":  # the lettered question; each option is scored by its letter's token at "Answer:"
+        texts = [letter_instruction(q, w) for q, w in zip(questions, where)]
+    else:
+        texts = [q.stem for q in questions]
+    prompts = [prompter.generate_prompt(t, r.get("input")) for t, r in zip(texts, records)]
     data = EvalSet(name, path, records, task, prompts, options=[q.labels for q in questions])
     data.golds = gold_indices(records, data.options, path)
-    data.pairs = [choice_scoring.cloze_pairs(p, q) for p, q in zip(prompts, questions)]
+    if fmt == "letter":
+        data.pairs = [choice_scoring.letter_pairs(p, len(q.texts), w) for p, q, w in zip(prompts, questions, where)]
+    else:
+        data.pairs = [choice_scoring.cloze_pairs(p, q) for p, q in zip(prompts, questions)]
     data.texts = [q.texts for q in questions]
     return data
 
@@ -319,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         predictive.resolve_samples(args.samples, None)
     model, tokenizer = load_eval_model(args)
     args.posterior_object = resolve_posterior(args, model, tokenizer, prompter, data.task.kind == "choice")
+    if hasattr(args.posterior_object, "draw"):  # BayesLoRA (and TFB): what one evaluation sample draws
+        # a generated answer keeps one weight sample from its first token to its last
+        args.posterior_object.draw = args.bayes_eval_draw if data.task.kind == "choice" else "pass"
     model = args.posterior_object.model  # an ensemble's members join the model as named adapters
     samples = predictive.resolve_samples(args.samples, model, args.posterior_object)
     t0 = time.perf_counter()
@@ -380,6 +401,8 @@ def _posterior_summary(posterior) -> dict:
         out["laplace"]["prior_precision"] = posterior.prior_precision.tolist()
         if hasattr(posterior, "fit_seconds"):
             out["laplace"]["fit_seconds"] = round(posterior.fit_seconds, 3)
+    elif hasattr(posterior, "draw"):
+        out["bayes_eval_draw"] = posterior.draw
     elif posterior.name not in ("map", "bayeslora"):  # the posterior's own settings (temperature, members, rate)
         out[posterior.name] = posterior.config()
     if posterior.name == "mc_dropout":  # the rates in use (the adapter's own where no --mc_dropout_rate)

@@ -16,7 +16,45 @@ import tempfile
 from peft_bayes.cli import adapters
 from peft_bayes.cli.common import ArgumentParser, comma_list, str2bool, write_json_atomic
 from peft_bayes.errors import InputError
+from peft_bayes.training import BAYES_OPTIMIZERS
 from peft_bayes.tuners.adapter_mlp import parse_scaling
+
+# --recipe: the defaults of the authors' scripts (bayesian-peft scripts/blob/blob-llama-all.sh), any flag overrides.
+RECIPES = {
+    "blob": {
+        "adapter_name": "bayeslora",
+        "choice_format": "letter",
+        "learning_rate": 1e-4,
+        "adam_epsilon": 1e-6,
+        "warmup_ratio": 0.06,
+        "batch_size": 4,
+        "micro_batch_size": 4,
+        "max_steps": 5000,
+        "max_grad_norm": 0.0,
+        "cutoff_len": 300,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj", "lm_head"],
+        "bayes_eps": 0.05,
+        "prior_std": 0.2,
+        "bayes_optimizer": "blob",
+        "bayes_kllr": 0.01,
+        "bayes_gamma": 8.0,
+        "bayes_datasetrescaling": True,
+    }
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with ``--recipe``'s defaults applied before the explicit flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=None)
+    recipe = pre.parse_known_args(argv)[0].recipe
+    parser = build_parser()
+    if recipe in RECIPES:
+        parser.set_defaults(**RECIPES[recipe])
+    return parser.parse_args(argv)
 
 
 def scaling_arg(value: str) -> float | str:
@@ -28,6 +66,12 @@ def scaling_arg(value: str) -> float | str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--recipe",
+        default=None,
+        choices=sorted(RECIPES),
+        help="preset defaults: blob = every setting of BLoB's scripts (README); each flag still overrides",
+    )
     g = p.add_argument_group("model and data")
     g.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
     g.add_argument("--data_path", default="yahma/alpaca-cleaned", help="JSON/JSONL file, folder or Hub dataset")
@@ -40,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--choice_format",
         default="label",
-        choices=["label", "cloze"],
+        choices=["label", "cloze", "letter"],
         help="multiple-choice records: label = train on their output as written (LLM-Adapters); cloze = the "
-        "question alone -> the gold option's text (parsed from the instruction)",
+        "question alone -> the gold option's text (parsed from the instruction); letter = the lettered question, "
+        "loss = cross-entropy over the K letter tokens' logits at 'Answer:' (BLoB, Laplace-LoRA, SWAG-LoRA)",
     )
     g.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
     g.add_argument("--load_8bit", type=str2bool, nargs="?", const=True, default=False, help="int8 base")
@@ -59,7 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
     g.add_argument("--learning_rate", type=float, default=3e-4)
     g.add_argument("--warmup_steps", type=int, default=100)
+    g.add_argument(
+        "--warmup_ratio",
+        type=float,
+        default=None,
+        help="warm-up as a fraction of the steps (overrides --warmup_steps)",
+    )
     g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's eps (BLoB: 1e-6)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: none, as BLoB)")
     g.add_argument("--cutoff_len", type=int, default=256, help="max tokens per example (longer ones are cut)")
     g.add_argument("--val_set_size", type=int, default=2000, help="examples held out for validation (0: none)")
     g.add_argument("--eval_step", type=int, default=200)
@@ -136,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl_weight", type=float, default=1.0, help="factor on KL / N_train in the loss")
     g.add_argument("--kl_anneal_steps", type=int, default=None, help="linear schedule: warm-up steps (default: all)")
     g.add_argument("--bayesian_factor", default="A", choices=["A", "B"], help="the LoRA factor with a posterior")
+    g.add_argument(
+        "--bayes_optimizer",
+        default="blob",
+        choices=list(BAYES_OPTIMIZERS),
+        help="blob = BLoB's two optimizers: AdamW on the NLL (without rho), plain SGD on pi_t * KL and rho; single = "
+        "one AdamW on NLL + kl_weight * --kl_schedule * KL / N (the earlier path, a baseline)",
+    )
+    g.add_argument("--bayes_kllr", type=float, default=0.01, help="blob: the KL optimizer's SGD learning rate")
+    g.add_argument("--bayes_gamma", type=float, default=8.0, help="blob: gamma of the cycle M = 100 N^(pi/gamma)/B")
+    g.add_argument(
+        "--bayes_datasetrescaling",
+        type=str2bool,
+        default=True,
+        help="blob: the KL cycle M from the data-set size (BLoB); false: M = optimizer steps per epoch",
+    )
     _add_posterior_flags(p)
     return p
 
@@ -164,6 +232,13 @@ def check_args(args: argparse.Namespace, world: int) -> int:
     if args.posterior == "swag" and args.resume_from_checkpoint:
         raise InputError("--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not saved "
                          "in checkpoints; train again from the start")  # fmt: skip
+    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
+        raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.adapter_name.lower() == "bayeslora" and args.bayes_optimizer == "blob":
+        if args.bayes_kllr < 0 or args.bayes_gamma <= 0:
+            raise InputError("--bayes_kllr must be >= 0 and --bayes_gamma positive")
+        if args.precision == "fp16":
+            raise InputError("--bayes_optimizer blob steps rho outside the loss-scaled optimizer: use bf16 or fp32")
     if args.cutoff_len < 8:
         raise InputError(f"--cutoff_len must be at least 8, got {args.cutoff_len}")
     if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
@@ -175,6 +250,7 @@ def check_args(args: argparse.Namespace, world: int) -> int:
         raise InputError(f"--adapter_name {args.adapter_name} cannot be combined with --use_gradient_checkpointing")
     bayes_flags = {"prior_std": 0.2, "bayes_eps": 0.05, "bayes_std_param": "square", "flipout": True}
     bayes_flags |= {"kl_schedule": "blob", "kl_weight": 1.0, "kl_anneal_steps": None, "bayesian_factor": "A"}
+    bayes_flags |= {"bayes_optimizer": "blob", "bayes_kllr": 0.01, "bayes_gamma": 8.0, "bayes_datasetrescaling": True}
     if args.adapter_name.lower() != "bayeslora":
         changed = [f"--{k}" for k, default in bayes_flags.items() if getattr(args, k) != default]
         if changed:
@@ -215,8 +291,14 @@ def load_data(args):
 
 
 def tokenize_all(records, tokenizer, prompter, args) -> list[dict]:
-    from peft_bayes.data import tokenize_record
+    from peft_bayes.data import tokenize_letter_record, tokenize_record
 
+    if args.choice_format == "letter":  # context ids, the K letter ids and the gold index (the K-way loss)
+        where = f"{args.data_path}: record"
+        return [
+            tokenize_letter_record(r, tokenizer, prompter, args.cutoff_len, f"{where} {i}")
+            for i, r in enumerate(records)
+        ]
     return [tokenize_record(r, tokenizer, prompter, args.cutoff_len, args.train_on_inputs) for r in records]
 
 
@@ -257,6 +339,12 @@ def load_model(args):
     return model, tokenizer
 
 
+def warmup_steps(args, total_steps: int) -> int:
+    """Warm-up steps: ``ceil(--warmup_ratio * steps)`` when given, else ``--warmup_steps``; below the total."""
+    steps = math.ceil(args.warmup_ratio * total_steps) if args.warmup_ratio is not None else args.warmup_steps
+    return min(steps, max(total_steps - 1, 0))
+
+
 def _training_arguments(args, accum: int, total_steps: int, has_val: bool):
     import torch
     from transformers import TrainingArguments
@@ -276,8 +364,10 @@ def _training_arguments(args, accum: int, total_steps: int, has_val: bool):
         num_train_epochs=args.num_epochs,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
-        warmup_steps=min(args.warmup_steps, max(total_steps - 1, 0)),
+        warmup_steps=warmup_steps(args, total_steps),
         weight_decay=args.weight_decay,
+        adam_epsilon=args.adam_epsilon,
+        max_grad_norm=args.max_grad_norm,
         bf16=bf16,
         fp16=fp16,
         logging_steps=args.logging_steps,
@@ -333,7 +423,8 @@ def save_final(model, tokenizer, args, extra: dict) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".final-", dir=args.output_dir)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        # A head adapter (lm_head in the targets) saves its LoRA weights only, never the (tied) embedding matrix.
+        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(staging)
         write_json_atomic(os.path.join(staging, "train_args.json"), {**vars(args), **extra})
         for name in os.listdir(staging):
@@ -345,7 +436,7 @@ def save_final(model, tokenizer, args, extra: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     from peft_bayes.cli.modeling import local_rank, world_size
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     world = world_size()
     accum = check_args(args, world)
     from transformers import set_seed
@@ -370,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     per_epoch = _steps_per_epoch(args, len(train_data), accum, world)
     trainer = _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, per_epoch)
+    if trainer.kl_optimizer is not None:
+        if local_rank() == 0:
+            print(f"bayeslora: BLoB optimizers (AdamW on the NLL, SGD lr {args.bayes_kllr} on pi * KL), KL cycle "
+                  f"M = {trainer.kl_optimizer.cycle} steps")  # fmt: skip
+            from peft_bayes.training import warn_short_run
+
+            warn_short_run(total, trainer.kl_optimizer.cycle)
     collector = None
     if args.posterior == "swag":  # SWAG moments of the trainable adapter tensors, collected by a callback
         from peft_bayes.cli.posterior_flags import swag_options
@@ -383,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         and os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json"))
         else None
     )
+    if full_resume and trainer.kl_optimizer is not None:
+        trainer.kl_optimizer.load(full_resume)
     result = trainer.train(resume_from_checkpoint=full_resume)
     if trainer.is_world_process_zero():
         save_final(
@@ -452,17 +552,29 @@ def _targets_of(peft_config) -> list[str] | None:
 def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, steps_per_epoch):
     from transformers import DataCollatorForSeq2Seq
 
-    from peft_bayes.cli.trainer import AdaLoraCallback, PeftBayesTrainer
+    from peft_bayes.training import AdaLoraCallback, LetterCollator, PeftBayesTrainer
+    from peft_bayes.tuners.bayeslora import blob_cycle_length
 
     model.config.use_cache = False
+    if args.choice_format == "letter":
+        collator = LetterCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    cycle = blob_cycle_length(
+        len(train_data), args.batch_size, steps_per_epoch, args.bayes_gamma, args.bayes_datasetrescaling
+    )
     trainer = PeftBayesTrainer(
         model=model,
         args=_training_arguments(args, accum, total, bool(val_data)),
         train_dataset=train_data,
         eval_dataset=val_data or None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        data_collator=collator,
         n_train=len(train_data),
         steps_per_epoch=steps_per_epoch,
+        bayes_optimizer=args.bayes_optimizer,
+        kl_cycle=cycle,
+        kllr=args.bayes_kllr,
+        total_steps=total,
     )
     if args.adapter_name.lower() == "adalora":
         trainer.add_callback(AdaLoraCallback(model))

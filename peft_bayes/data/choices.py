@@ -8,7 +8,7 @@ An LLM-Adapters instruction states the question, its options and the label forma
 
     Answer format: answer1/answer2/answer3/answer4
 
-The gold answer is a label (``answer2``). Two formats score it:
+The gold answer is a label (``answer2``). Three formats score it:
 
 - ``label``: the response names the label (``the correct answer is answer2``), LLM-Adapters' own format. A
   135M model cannot map a label to the option's content: on ARC-Easy SmolLM2-135M scores at chance this way.
@@ -33,13 +33,19 @@ from peft_bayes.errors import InputError
 __all__ = [
     "CHOICE_FORMATS",
     "ChoiceQuestion",
+    "LETTER_PREFIX",
     "cloze_training_record",
     "example_options",
     "gold_index",
+    "letter_instruction",
+    "letter_labels",
     "parse_choice_question",
 ]
 
-CHOICE_FORMATS = ("label", "cloze")
+CHOICE_FORMATS = ("label", "cloze", "letter")
+LETTERS = "ABCDEFGHIJ"
+# The letter format's response before the scored letter: the context ends in "Answer:", the letter is " A".
+LETTER_PREFIX = "Answer: "
 # Option markers LLM-Adapters writes before each option's text: "Answer1:", "Solution1:", "Option1:", "Ending1:".
 _MARKERS = ("answer", "solution", "option", "ending")
 _FORMAT_LINE_RE = re.compile(r"\s*Answer format:[^\n]*\s*$")
@@ -183,3 +189,25 @@ def cloze_training_record(record: dict, where: str = "record") -> dict:
         "input": record.get("input", ""),
         "output": question.response(gold),
     }
+
+
+def letter_labels(n: int, where: str = "record") -> tuple[str, ...]:
+    """``("A", "B", ...)`` for ``n`` options.
+
+    Raises:
+        InputError: more options than letters.
+    """
+    if not 1 <= n <= len(LETTERS):
+        raise InputError(f"{where}: the letter format handles 1 to {len(LETTERS)} options, not {n}")
+    return tuple(LETTERS[:n])
+
+
+def letter_instruction(question: ChoiceQuestion, where: str = "record") -> str:
+    """The letter format's instruction: the question, then one ``X. option text`` line per option.
+
+    Example: ``"Which gas do plants take in?\n\nChoices:\nA. oxygen\nB. carbon dioxide\n\nAnswer with the letter of
+    the correct choice."``
+    """
+    letters = letter_labels(len(question.texts), where)
+    lines = [f"{letter}. {text}" for letter, text in zip(letters, question.texts)]
+    return f"{question.stem}\n\nChoices:\n" + "\n".join(lines) + "\n\nAnswer with the letter of the correct choice."

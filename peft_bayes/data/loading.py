@@ -162,3 +162,53 @@ def _encode(tokenizer, text: str, cutoff_len: int, add_eos: bool = True) -> list
     if add_eos and eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
         ids = ids + [eos]
     return ids
+
+
+def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` (with the tokenizer's special tokens) and of ``continuation`` after it.
+
+    The continuation ids are the tail of ``tokenize(context + continuation)`` when ``tokenize(context)`` is its
+    prefix (the text is tokenized as the model sees it in training), else ``continuation`` tokenized on its own.
+    """
+    ctx = tokenizer(context)["input_ids"]
+    full = tokenizer(context + continuation)["input_ids"]
+    if len(full) > len(ctx) and full[: len(ctx)] == ctx:
+        return ctx, full[len(ctx) :]
+    return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_letter_record(record: dict, tokenizer, prompter, cutoff_len: int, where: str = "record") -> dict:
+    """One multiple-choice record in the letter format, for the K-way letter loss.
+
+    The context is exactly what ``evaluate.py --choice_format letter`` scores: the prompt of the lettered question
+    followed by ``"Answer:"``; each option's letter (``" A"``, ...) must be one token after it. A context longer than
+    ``cutoff_len`` keeps its last ``cutoff_len`` tokens (the answer position stays at the end).
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` of the context, ``choice_ids`` (the K letter token ids) and
+        ``choice_label`` (the gold option's index).
+
+    Raises:
+        InputError: the record is not a parsable multiple-choice question, or a letter is not a single token.
+    """
+    from peft_bayes.data.choices import (
+        LETTER_PREFIX,
+        gold_index,
+        letter_instruction,
+        letter_labels,
+        parse_choice_question,
+    )
+
+    question = parse_choice_question(record, where)
+    gold = gold_index(record, question.labels, where)
+    prompt = prompter.generate_prompt(letter_instruction(question, where), record.get("input"))
+    context = prompt + LETTER_PREFIX.rstrip()
+    ids, choice_ids = None, []
+    for letter in letter_labels(len(question.texts), where):
+        ctx, cont = split_continuation(tokenizer, context, " " + letter)
+        if len(cont) != 1 or (ids is not None and ctx != ids):
+            raise InputError(f"{where}: the letter {letter!r} is not one token after 'Answer:' for this tokenizer")
+        ids = ctx
+        choice_ids.append(cont[0])
+    ids = ids[-cutoff_len:]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "choice_ids": choice_ids, "choice_label": gold}

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from peft_bayes.data.answers import TaskSpec
-from peft_bayes.data.choices import ChoiceQuestion, gold_index
+from peft_bayes.data.choices import LETTER_PREFIX, ChoiceQuestion, gold_index, letter_labels
 from peft_bayes.data.choices import example_options as _record_options
+from peft_bayes.data.loading import split_continuation
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.batching import make_batches
 from peft_bayes.evaluation.packed_scoring import (
@@ -77,6 +78,13 @@ def label_pairs(prompt: str, labels: Sequence[str], prefix: str = DEFAULT_PREFIX
     return [(prompt + prefix.rstrip(), space + label) for label in labels]
 
 
+def letter_pairs(prompt: str, n_options: int, where: str = "record") -> list[Pair]:
+    """The letter format: context = prompt + ``"Answer:"``, continuation = ``" A"``, ``" B"``, ...: one token each, so
+    the option scores are the letter tokens' log-probabilities at one position and their softmax is the K-way
+    softmax over the letters' logits (``prompt`` holds the lettered question: ``letter_instruction``)."""
+    return label_pairs(prompt, letter_labels(n_options, where), LETTER_PREFIX)
+
+
 def cloze_pairs(prompt: str, question: ChoiceQuestion) -> list[Pair]:
     """The cloze format: each option's text (or the rest of a filled-in sentence) as the response to the prompt."""
     pairs = []
@@ -84,19 +92,6 @@ def cloze_pairs(prompt: str, question: ChoiceQuestion) -> list[Pair]:
         context, continuation = question.cloze_pair(k)
         pairs.append((prompt + context, continuation))
     return pairs
-
-
-def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``context`` (with the tokenizer's special tokens) and of ``continuation`` after it.
-
-    The continuation ids are the tail of ``tokenize(context + continuation)`` when ``tokenize(context)`` is its
-    prefix (the text is tokenized as the model sees it in training), else ``continuation`` tokenized on its own.
-    """
-    ctx = tokenizer(context)["input_ids"]
-    full = tokenizer(context + continuation)["input_ids"]
-    if len(full) > len(ctx) and full[: len(ctx)] == ctx:
-        return ctx, full[len(ctx) :]
-    return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> list[tuple[list[int], int]]:

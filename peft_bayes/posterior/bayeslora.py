@@ -1,8 +1,14 @@
 """BayesLoRA's learned posterior (BLoB): a Gaussian over one LoRA factor, trained with the adapter.
 
 Nothing to fit or save here: the posterior's mean and standard deviation are the adapter's own weights
-(``lora_A`` / ``bayeslora_rho``). A sample fixes one draw ``W = M + sigma * E`` of every Bayesian factor for a whole
-pass (``posterior_sample``); the mean pass switches the noise off.
+(``lora_A`` / ``bayeslora_rho``). What one evaluation sample is (``draw``):
+
+- ``forward`` (default, BLoB's evaluation): a fresh E and fresh flipout signs on every forward pass of the sample's
+  pass over the data (``fresh_draws``, seeded by the sample's seed);
+- ``pass``: one draw ``W = M + sigma * E`` of every Bayesian factor fixed for the whole pass (``posterior_sample``):
+  one weight-space sample of the network, the same for every batch and token.
+
+The mean pass (N = 0) switches the noise off either way.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from contextlib import AbstractContextManager
 from typing import ClassVar
 
 from peft_bayes.posterior.base import Posterior
-from peft_bayes.tuners.bayeslora import is_bayesian, posterior_sample, sampling
+from peft_bayes.tuners.bayeslora import fresh_draws, is_bayesian, posterior_sample, sampling
+
+DRAWS = ("forward", "pass")
 
 
 class BayesLoraPosterior(Posterior):
@@ -19,15 +27,20 @@ class BayesLoraPosterior(Posterior):
 
     name: ClassVar[str] = "bayeslora"
 
-    def __init__(self, model) -> None:
-        if not is_bayesian(model):
-            from peft_bayes.errors import InputError
+    def __init__(self, model, draw: str = "forward") -> None:
+        from peft_bayes.errors import InputError
 
+        if not is_bayesian(model):
             raise InputError("--posterior bayeslora needs an active BayesLoRA adapter; this model has none")
+        if draw not in DRAWS:
+            raise InputError(f"--bayes_eval_draw must be one of {'/'.join(DRAWS)}, got {draw!r}")
         super().__init__(model)
+        self.draw = draw
 
     def mean(self) -> AbstractContextManager:
         return sampling(self.model, False)
 
     def sample(self, seed: int) -> AbstractContextManager:
+        if self.draw == "forward":
+            return fresh_draws(self.model, seed)
         return posterior_sample(self.model, seed=seed)

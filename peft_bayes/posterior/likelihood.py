@@ -123,3 +123,41 @@ def lm_nll(model, batch: LMBatch) -> torch.Tensor:
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     scored = labels != IGNORE
     return -(logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * scored).sum()
+
+
+def letter_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, choice_ids: torch.Tensor):
+    """(B, K) logits of the K option letters at each row's last real position (the letter format's answer slot).
+
+    ``input_ids`` / ``attention_mask``: (B, L) right-padded contexts ending in ``"Answer:"``; ``choice_ids``: (B, K)
+    the letter token ids, ``-1`` where an example has fewer options (its logit is ``-inf``). Only the answer positions
+    go through the output head (``logits_to_keep``) where the model takes it; prompt learning prepends virtual tokens,
+    whose logits are dropped. Differentiable; float32 or wider.
+    """
+    device = _device(model)
+    input_ids, attention_mask, choice_ids = input_ids.to(device), attention_mask.to(device), choice_ids.to(device)
+    last = attention_mask.sum(1) - 1  # (B,)
+    config = getattr(model, "active_peft_config", None)
+    kwargs = {}
+    if not getattr(config, "is_prompt_learning", False) and _takes_logits_to_keep(model):
+        positions, column = torch.unique(last, return_inverse=True)  # the distinct answer positions of the batch
+        kwargs["logits_to_keep"] = positions
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    if kwargs:
+        picked = logits[torch.arange(len(last), device=device), column]  # (B, V)
+    else:
+        picked = logits[:, -input_ids.shape[1] :][torch.arange(len(last), device=device), last]
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
+    out = picked.gather(1, choice_ids.clamp_min(0))
+    return out.masked_fill(choice_ids < 0, float("-inf"))
+
+
+def letter_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the K-way cross-entropy of the gold letters: BLoB's per-example NLL."""
+    return torch.nn.functional.cross_entropy(logits, labels.to(logits.device))
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters

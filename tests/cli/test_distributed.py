@@ -58,19 +58,32 @@ def test_torchrun_two_processes_matches_single_process(llama_dir, data_file, tmp
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
 
 
+# BLoB's optimizers: M = 8 steps per epoch (no data-set rescaling), so pi > 0 from step 1; --bayes_kllr 1e-9 keeps
+# sigma ~1e-12 (deterministic runs) while the KL's SGD step on rho (~1e-9 * pi * 2 / rho) still moves it.
+OPTIMIZER_FLAGS = {
+    "single": ["--bayes_optimizer", "single", "--kl_schedule", "constant"],
+    "blob": ["--bayes_optimizer", "blob", "--bayes_datasetrescaling", "false", "--bayes_kllr", "1e-9"],
+}
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_torchrun_bayeslora_counts_the_kl_term_once(llama_dir, data_file, tmp_path, train_argv):
-    """Under DDP the KL term must enter each optimizer step once, as in one process with accumulation.
+@pytest.mark.parametrize("optimizer", ["single", "blob"])
+def test_torchrun_bayeslora_counts_the_kl_term_once(optimizer, llama_dir, data_file, tmp_path, train_argv):
+    """Under DDP the KL term must enter each optimizer step once, as in one process with accumulation (blob: every
+    rank steps the same SGD on the same all-reduced NLL gradient of rho plus the KL's).
 
     With --bayes_eps 1e-6 the posterior std is ~1e-12, so the sampled noise is far below the tolerance and both runs
     are deterministic, while the KL term (large: log sigma) still drives the update of rho and the means.
     """
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
-              "--adapter_name", "bayeslora", "--bayes_eps", "1e-6", "--kl_schedule", "constant"]  # fmt: skip
-    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29534)
+              "--adapter_name", "bayeslora", "--bayes_eps", "1e-6", *OPTIMIZER_FLAGS[optimizer]]  # fmt: skip
+    port = 29534 if optimizer == "single" else 29539
+    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, port)
     a = load_file(single / "adapter_model.safetensors")
     b = load_file(multi / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("bayeslora_rho") for k in a)
+    if optimizer == "blob":  # rho starts in U(eps / sqrt(2), eps): the KL's SGD step must have pushed it out
+        assert min(float(v.min()) for k, v in a.items() if k.endswith("bayeslora_rho")) > 1e-6
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=ATOL, msg=k)
 

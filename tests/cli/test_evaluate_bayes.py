@@ -18,12 +18,13 @@ from peft_bayes.cli.train import main as train_main
 from peft_bayes.data.synthetic import make_choice_problems, write_choice_data
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation import predictive as bayes_eval
-from peft_bayes.evaluation.choice_scoring import option_sequences, score_options, split_continuation
-from peft_bayes.evaluation.predictive import averaged_option_probs, sample_seed
+from peft_bayes.evaluation.choice_scoring import label_pairs, option_sequences, score_options, split_continuation
+from peft_bayes.evaluation.predictive import averaged_option_probs, averaged_pair_probs, sample_seed
 from peft_bayes.evaluation.votes import majority_vote, vote_metrics
 from peft_bayes.metrics import auroc, confidence_calibration_error
+from peft_bayes.posterior import BayesLoraPosterior
 from peft_bayes.tiny import TINY_ARCHITECTURES
-from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample
+from peft_bayes.tuners.bayeslora import BayesLoraConfig, fresh_draws, posterior_sample
 
 PREFIX = "the correct answer is "
 
@@ -165,7 +166,9 @@ def test_batched_option_scores_equal_one_at_a_time(arch, adapter, model_dirs):
 def test_probabilities_are_averaged_over_posterior_samples(bayes_model):
     model, tok = bayes_model
     prompts, options = _choice_examples(4)
-    got = averaged_option_probs(model, tok, prompts, options, PREFIX, batch_size=3, samples=3, seed=7)
+    pairs = [label_pairs(p, opts, PREFIX) for p, opts in zip(prompts, options)]
+    posterior = BayesLoraPosterior(model, draw="pass")  # one weight sample per pass: batch-independent
+    got = averaged_pair_probs(model, tok, pairs, 3, samples=3, seed=7, posterior=posterior)
     per_sample = []
     for s in range(3):  # the same draws by hand, one example at a time
         with posterior_sample(model, seed=sample_seed(7, s)):
@@ -176,6 +179,15 @@ def test_probabilities_are_averaged_over_posterior_samples(bayes_model):
         torch.testing.assert_close(got[i], expected, rtol=0, atol=1e-6)
         from_logits = torch.stack([p[i].log() for p in per_sample]).mean(0).softmax(-1)
         assert (got[i] - from_logits).abs().max() > 1e-4  # averaging log-probabilities would give another answer
+    # the default, BLoB's draws: a fresh E and flipout signs on every forward, seeded per sample (same batches)
+    forward = averaged_option_probs(model, tok, prompts, options, PREFIX, batch_size=3, samples=3, seed=7)
+    by_hand = []
+    for s in range(3):
+        with fresh_draws(model, seed=sample_seed(7, s)):
+            by_hand.append([ll.softmax(-1) for ll in score_options(model, tok, prompts, options, PREFIX, 3)])
+    for i in range(len(prompts)):
+        torch.testing.assert_close(forward[i], sum(p[i] for p in by_hand) / 3, rtol=0, atol=1e-12)
+        assert (forward[i] - got[i]).abs().max() > 1e-4  # not the fixed-weight samples
     # samples = 0: the posterior mean, which is also what eval mode gives by default.
     mean = averaged_option_probs(model, tok, prompts, options, PREFIX, batch_size=3, samples=0, seed=7)
     plain = [ll.softmax(-1) for ll in score_options(model, tok, prompts, options, PREFIX, 3)]
@@ -270,7 +282,10 @@ def test_choice_evaluation_with_trained_bayeslora(llama_dir, choice_data, tmp_pa
     assert summary["samples"] == 10  # the default for an adapter with a posterior
     summary0, rows0 = _eval(llama_dir, tmp_path / "mean", *flags, "--samples", 0)
     assert summary0["samples"] == 0 and [r["probs"] for r in rows0] != [r["probs"] for r in rows]
-    again, rows_again = _eval(llama_dir, tmp_path / "again", *flags, "--batch_size", 1)
+    assert summary["bayes_eval_draw"] == "forward"
+    # --bayes_eval_draw pass: one weight sample per pass, so the draws do not depend on the batching
+    summary, rows = _eval(llama_dir, tmp_path / "pass", *flags, "--bayes_eval_draw", "pass")
+    again, rows_again = _eval(llama_dir, tmp_path / "again", *flags, "--batch_size", 1, "--bayes_eval_draw", "pass")
     # seeded, batch-independent draws: equal up to float32 rounding, which depends on the batch's padding (the draws
     # themselves differ by ~1e-2 between samples, as the N = 0 comparison above shows)
     for a, b in zip(rows_again, rows, strict=True):

@@ -52,7 +52,7 @@ def test_default_targets_follow_peft_tables():
 
 @pytest.mark.parametrize("name", ["adalora", "AdaLoRA"])
 def test_adalora_budget_callback_whatever_the_case(name, llama_dir, data_file, tmp_path, train_argv, monkeypatch):
-    from peft_bayes.cli.trainer import AdaLoraCallback, PeftBayesTrainer
+    from peft_bayes.training import AdaLoraCallback, PeftBayesTrainer
 
     seen = []
 

@@ -26,7 +26,10 @@ def _train(train_argv, llama_dir, data_file, out, *extra):
 
 def test_loss_is_nll_plus_scaled_kl(llama_dir, data_file, tmp_path, train_argv):
     out = tmp_path / "bayes"
-    saved, steps = _train(train_argv, llama_dir, data_file, out, "--kl_schedule", "constant", "--kl_weight", "0.5")
+    saved, steps = _train(
+        train_argv, llama_dir, data_file, out, "--kl_schedule", "constant", "--kl_weight", "0.5",
+        "--bayes_optimizer", "single",
+    )  # fmt: skip
     assert len(steps) == 2 and saved["n_train"] == 32
     for entry in steps:
         # KL over 2 layers x (q, v) of r x d_in = 4 x 32 Gaussians vs N(0, 0.2^2): hundreds of nats at init.
@@ -47,7 +50,8 @@ def test_loss_is_nll_plus_scaled_kl(llama_dir, data_file, tmp_path, train_argv):
 def test_blob_schedule_weights_follow_the_epoch(llama_dir, data_file, tmp_path, train_argv):
     # 32 examples, micro-batch 4, accumulation 2: M = 4 optimizer steps per epoch; run 6 steps (into epoch 2).
     out = tmp_path / "blob"
-    saved, steps = _train(train_argv, llama_dir, data_file, out, "--max_steps", "6", "--num_epochs", "2")
+    argv = ("--max_steps", "6", "--num_epochs", "2", "--bayes_optimizer", "single")
+    saved, steps = _train(train_argv, llama_dir, data_file, out, *argv)
     assert len(steps) == 6
     for i, entry in enumerate(steps):
         factor = kl_schedule_factor("blob", i, 4, 6)
@@ -77,12 +81,12 @@ def test_kl_counts_once_per_optimizer_step_under_accumulation(llama_dir, tmp_pat
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    from peft_bayes.cli.trainer import PeftBayesTrainer
+    from peft_bayes.training import PeftBayesTrainer
 
     base = AutoModelForCausalLM.from_pretrained(llama_dir)
     peft_model = get_peft_model(base, BayesLoraConfig(task_type="CAUSAL_LM", r=4, kl_schedule="constant"))
     args = TrainingArguments(str(tmp_path), gradient_accumulation_steps=4, report_to=[], use_cpu=True)
-    trainer = PeftBayesTrainer(model=peft_model, args=args, n_train=10, steps_per_epoch=3)
+    trainer = PeftBayesTrainer(model=peft_model, args=args, n_train=10, steps_per_epoch=3, bayes_optimizer="single")
     trainer.current_gradient_accumulation_steps = 4
     full = peft_model.kl_divergence().item() / 10
     trainer.loss_is_scaled_for_ga = True  # the model normalised by the whole batch's tokens: we divide
@@ -94,7 +98,8 @@ def test_kl_counts_once_per_optimizer_step_under_accumulation(llama_dir, tmp_pat
 
 def test_trains_on_a_4bit_base(model_dirs, data_file, tmp_path, train_argv):
     out = tmp_path / "q4"
-    saved, steps = _train(train_argv, model_dirs["llama"], data_file, out, "--load_4bit", "--learning_rate", "1e-2")
+    argv = ("--load_4bit", "--learning_rate", "1e-2", "--bayes_optimizer", "single")
+    saved, steps = _train(train_argv, model_dirs["llama"], data_file, out, *argv)
     assert saved["load_4bit"] and all(torch.isfinite(torch.tensor(e["loss"])) for e in steps)
     weights = load_file(out / "adapter_model.safetensors")
     rho = [w for k, w in weights.items() if k.endswith("bayeslora_rho")]

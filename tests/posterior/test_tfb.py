@@ -79,7 +79,11 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 def posterior_nll(model, batches, samples: int, seed: int) -> float:
     """Expected NLL per example through BayesLoraPosterior's samples (the oracle for tfb's own loop)."""
-    posterior, count, total = BayesLoraPosterior(model), sum(int((b.labels >= 0).sum()) for b in batches), 0.0
+    posterior, count, total = (
+        BayesLoraPosterior(model, draw="pass"),
+        sum(int((b.labels >= 0).sum()) for b in batches),
+        0.0,
+    )
     for index in range(samples):
         with posterior.sample(sample_seed(seed, index)), torch.no_grad():
             total += sum(float(choice_nll(model, b)) for b in batches)

@@ -3,6 +3,7 @@ Large Language Models", NeurIPS 2024)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
@@ -116,3 +117,32 @@ def kl_schedule_factor(
         i = step % m
         return m * 2.0 ** (i - m) / (1.0 - 2.0**-m)
     raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {schedule!r}")
+
+
+def blob_kl_weight(step: int, cycle: int) -> float:
+    """BLoB's weight pi on the KL at optimizer step ``step`` (1-based, a global counter): ``pi = 2^i / (2^(M+1) - 1)``
+    with ``i = ((step - 1) mod M) + 1`` cycling 1..M over the whole run, M = ``cycle``.
+
+    Computed as ``2^(i - M - 1) / (1 - 2^-(M+1))`` so that large M does not overflow. Within a cycle the weights sum
+    to ``(2^(M+1) - 2) / (2^(M+1) - 1)``, just under 1.
+    """
+    if step < 1 or cycle < 1:
+        raise ValueError(f"blob_kl_weight: step and cycle must be >= 1, got {step}, {cycle}")
+    i = (step - 1) % cycle + 1
+    return 2.0 ** (i - cycle - 1) / (1.0 - 2.0 ** -(cycle + 1))
+
+
+def blob_cycle_length(
+    n_train: int, batch_size: int, steps_per_epoch: int, gamma: float = 8.0, rescaling: bool = True
+) -> int:
+    """M, the length in optimizer steps of BLoB's KL cycle.
+
+    With BLoB's data-set rescaling (``--bayes_datasetrescaling``, on in all of its scripts),
+    ``M = int(100 * N^(pi / gamma) / batch_size)``, ``batch_size`` being the examples per optimizer step over all
+    processes (BLoB: processes x per-device batch); without it, the steps of one epoch. At least 1.
+    """
+    if not rescaling:
+        return max(int(steps_per_epoch), 1)
+    if gamma <= 0:
+        raise ValueError(f"bayes_gamma must be positive, got {gamma}")
+    return max(int(100 * n_train ** (math.pi / gamma) / batch_size), 1)

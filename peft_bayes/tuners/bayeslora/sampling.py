@@ -8,6 +8,9 @@ posterior mean in eval mode, so ``model.eval()`` + ``generate`` is deterministic
   token and every forward inside the block. That is one posterior sample of the whole network: a generation keeps
   the same weights from the first to the last token, and the draw depends on ``seed`` only (not on the batch), so
   batched and one-at-a-time evaluation agree.
+- ``fresh_draws(model, seed)``: BLoB's evaluation sample: a fresh E (and flipout signs per token) on every forward
+  pass inside the block, from torch's generators seeded by ``seed`` (so a run is reproducible, but the draws depend
+  on how the data is batched).
 """
 
 from __future__ import annotations
@@ -80,6 +83,17 @@ def posterior_sample(model: nn.Module, seed: int) -> Iterator[nn.Module]:
     finally:
         for (_, layer), fixed in zip(layers, before):
             layer.bayeslora_fixed_eps = fixed
+
+
+@contextmanager
+def fresh_draws(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    """Samples every forward pass inside the block (as in training: fresh E, flipout signs per token), with torch's
+    CPU and CUDA generators forked and seeded by ``seed``; the generators' states are restored on exit."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with sampling(model, True):
+            yield model
 
 
 def kl_divergence(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
