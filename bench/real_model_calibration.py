@@ -127,31 +127,20 @@ TRAININGS: dict[str, Flags] = {
     "bayeslora-single": _bayes_flags("single"),  # the one-AdamW path, beside BLoB's two optimizers
     "swag": _swag_train_flags,  # LoRA with SWAG collected during training (train.py --posterior swag)
 }
+
+
+def _bayes_method(key: str, recipe: str, name: str) -> Method:
+    """A BayesLoRA method's two rows: N posterior samples (``--bayes_eval_draw``) and N = 0, the posterior mean."""
+    sampled = lambda a: ["--samples", str(a.samples), "--bayes_eval_draw", a.bayes_eval_draw]  # noqa: E731
+    return Method(recipe, (Variant(f"{key}:samples", f"{name} (N={{samples}})", sampled),
+                           Variant(f"{key}:mean", f"{name} (N=0, mean)", lambda a: ["--samples", "0"])))  # fmt: skip
+
+
 METHODS: dict[str, Method] = {
     "zero-shot": Method(None, (Variant("zero-shot", "zero-shot (base model)", lambda a: ["--samples", "0"], False),)),
     "lora": Method("lora", (Variant("lora", "LoRA (MAP)", lambda a: ["--samples", "0"]),)),
-    "bayeslora": Method(
-        "bayeslora",
-        (
-            Variant(
-                "bayeslora:samples",
-                "BayesLoRA (N={samples})",
-                lambda a: ["--samples", str(a.samples), "--bayes_eval_draw", a.bayes_eval_draw],
-            ),  # fmt: skip
-            Variant("bayeslora:mean", "BayesLoRA (N=0, mean)", lambda a: ["--samples", "0"]),
-        ),
-    ),
-    "bayeslora_single": Method(
-        "bayeslora-single",
-        (
-            Variant(
-                "bayeslora_single:samples",
-                "BayesLoRA, one AdamW (N={samples})",
-                lambda a: ["--samples", str(a.samples), "--bayes_eval_draw", a.bayes_eval_draw],
-            ),  # fmt: skip
-            Variant("bayeslora_single:mean", "BayesLoRA, one AdamW (N=0, mean)", lambda a: ["--samples", "0"]),
-        ),
-    ),
+    "bayeslora": _bayes_method("bayeslora", "bayeslora", "BayesLoRA"),
+    "bayeslora_single": _bayes_method("bayeslora_single", "bayeslora-single", "BayesLoRA, one AdamW"),
 }
 
 
@@ -838,7 +827,7 @@ def report_stem(args: argparse.Namespace) -> str:
     return f"{STEM}_{args.task}" + (f"_{args.tag}" if args.tag else "") + ("_val" if args.split == "val" else "")
 
 
-def write_report(args, results: list[dict], runner: Runner, extra: dict) -> str:
+def write_report(args, results: list[dict], runner: Runner, extra: dict) -> tuple[str, str]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = report_stem(args)
@@ -855,12 +844,13 @@ def write_report(args, results: list[dict], runner: Runner, extra: dict) -> str:
               "sigma_trajectories": sigmas, "sigma_figure": sigma_png,
               "wall_time_minutes": round((time.perf_counter() - runner.t0) / 60, 2)}  # fmt: skip
     title = f"{args.base_model} on {args.task} ({args.choice_format}, {args.prompt_template} prompts)"
-    header = f"{title}: {args.n_train} training / first {args.n_test} test questions, seeds {args.seeds}\n\n"
+    scored = "test" if args.split == "test" else "validation (train.json outside the training slice)"
+    header = f"{title}: {args.n_train} training / first {args.n_test} {scored} questions, seeds {args.seeds}\n\n"
     summary_line = conclusion(rows)
     record["conclusion"] = summary_line
     write_json_atomic(str(out / f"{stem}.json"), record)
     write_text_atomic(out / f"{stem}.md", header + md + "\n\n" + summary_line + "\n")
-    return md + "\n\n" + summary_line
+    return md, summary_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -879,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_info()
         results = run_all(args, work, runner, train_data)
         extra = {"machine": machine, "train_data": str(train_data), "train_indices": index, "test_data": str(test)}
-        md = write_report(args, results, runner, extra)
+        md, summary_line = write_report(args, results, runner, extra)
     except (StepFailed, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -887,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     print(f"\n{md}\n\n{runner.elapsed()} written to {Path(args.output_dir) / report_stem(args)}.{{md,json}}")
+    print(summary_line)  # the last line: what the table shows
     return 0
 
 

@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         predictive.resolve_samples(args.samples, None)
     model, tokenizer = load_eval_model(args)
     args.posterior_object = resolve_posterior(args, model, tokenizer, prompter, data.task.kind == "choice")
-    if hasattr(args.posterior_object, "draw"):  # BayesLoRA (and TFB): what one evaluation sample draws
+    if hasattr(args.posterior_object, "eval_draw"):  # BayesLoRA (and TFB): what one evaluation sample draws
         # a generated answer keeps one weight sample from its first token to its last
-        args.posterior_object.draw = args.bayes_eval_draw if data.task.kind == "choice" else "pass"
+        args.posterior_object.eval_draw = args.bayes_eval_draw if data.task.kind == "choice" else "pass"
     model = args.posterior_object.model  # an ensemble's members join the model as named adapters
     samples = predictive.resolve_samples(args.samples, model, args.posterior_object)
     t0 = time.perf_counter()
@@ -401,8 +401,8 @@ def _posterior_summary(posterior) -> dict:
         out["laplace"]["prior_precision"] = posterior.prior_precision.tolist()
         if hasattr(posterior, "fit_seconds"):
             out["laplace"]["fit_seconds"] = round(posterior.fit_seconds, 3)
-    elif hasattr(posterior, "draw"):
-        out["bayes_eval_draw"] = posterior.draw
+    elif hasattr(posterior, "eval_draw"):
+        out["bayes_eval_draw"] = posterior.eval_draw
     elif posterior.name not in ("map", "bayeslora"):  # the posterior's own settings (temperature, members, rate)
         out[posterior.name] = posterior.config()
     if posterior.name == "mc_dropout":  # the rates in use (the adapter's own where no --mc_dropout_rate)

@@ -35,12 +35,12 @@ class BayesLoraPosterior(Posterior):
         if draw not in DRAWS:
             raise InputError(f"--bayes_eval_draw must be one of {'/'.join(DRAWS)}, got {draw!r}")
         super().__init__(model)
-        self.draw = draw
+        self.eval_draw = draw
 
     def mean(self) -> AbstractContextManager:
         return sampling(self.model, False)
 
     def sample(self, seed: int) -> AbstractContextManager:
-        if self.draw == "forward":
+        if self.eval_draw == "forward":
             return fresh_draws(self.model, seed)
         return posterior_sample(self.model, seed=seed)

@@ -67,7 +67,9 @@ def test_bench_runs_every_method_and_writes_table_json_and_figures(tiny_setup):
 
     lines = stem.with_suffix(".md").read_text().splitlines()
     table = lines[lines.index(HEADER) + 2 :]
+    table, conclusion = table[: table.index("")], table[table.index("") + 1 :]
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == ROW_LABELS
+    assert conclusion[0].startswith("MAP LoRA: ECE ") and "lowest ECE: BayesLoRA" in conclusion[0]
     for row in table:
         cells = dict(zip(COLUMNS, (c.strip() for c in row.strip("| ").split(" | ")[1:])))
         assert cells["OOD AUROC"] == "–"  # no --ood_task
@@ -177,3 +179,33 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(train-lora-m1) (reused" in again.stdout and "(train-swag-m1) (reused" in again.stdout
     assert json.loads((out / f"real_model_calibration_{TASK}.json").read_text())["commands"] == []
+
+
+def test_letter_format_both_optimizers_sigma_figure_and_validation_split(tiny_setup):
+    """--choice_format letter with both BayesLoRA optimizers, scored on the validation slice: the sigma figure and
+    trajectories, the one-line conclusion, and a later --resume run of other rows keeping the earlier ones."""
+    root, model = tiny_setup
+    out = root / "out-letter"
+    common = ("--choice_format", "letter", "--split", "val", "--n_val", "3", "--tag", "t", "--max_steps", "2")
+    proc = _run(root, model, out, *common, "--methods", "lora,bayeslora,bayeslora_single")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    stem = out / f"real_model_calibration_{TASK}_t_val"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["row"] for r in data["table"]][:2] == ["lora", "bayeslora:samples"]
+    assert "validation" in stem.with_suffix(".md").read_text().splitlines()[0]
+    trains = [c for c in data["commands"] if c.split()[1] == "train.py"]
+    assert sum("--bayes_optimizer blob" in c for c in trains) == 1
+    assert sum("--bayes_optimizer single" in c for c in trains) == 1
+    assert all("--choice_format letter" in c for c in data["commands"])
+    assert all("--data_path" in c and "_val_" in c for c in data["commands"] if c.split()[1] == "evaluate.py")
+    assert sorted(t["optimizer"] for t in data["sigma_trajectories"]) == ["blob", "single"]
+    assert all(t["trajectory"] and "sigma_mean" in t["trajectory"][0] for t in data["sigma_trajectories"])
+    assert Path(data["sigma_figure"]).is_file()
+    assert proc.stdout.strip().splitlines()[-1] == data["conclusion"] and data["conclusion"].startswith("MAP LoRA")
+    # a later run of another row keeps the earlier rows' records for the next --resume
+    again = _run(root, model, out, *common, "--methods", "zero-shot", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    progress = json.loads((out / "work" / "progress.json").read_text())
+    assert {"zero-shot", "lora", "bayeslora:samples"} <= {r.get("row") for r in progress}
+    final = _run(root, model, out, *common, "--methods", "zero-shot,lora,bayeslora", "--resume")
+    assert json.loads(stem.with_suffix(".json").read_text())["commands"] == [] and final.returncode == 0
