@@ -186,7 +186,7 @@ def test_letter_format_both_optimizers_sigma_figure_and_validation_split(tiny_se
     trajectories, the one-line conclusion, and a later --resume run of other rows keeping the earlier ones."""
     root, model = tiny_setup
     out = root / "out-letter"
-    common = ("--choice_format", "letter", "--split", "val", "--n_val", "3", "--tag", "t", "--max_steps", "2")
+    common = ("--choice_format", "letter", "--split", "val", "--n_val", "2", "--tag", "t", "--max_steps", "5")
     proc = _run(root, model, out, *common, "--methods", "lora,bayeslora,bayeslora_single")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     stem = out / f"real_model_calibration_{TASK}_t_val"
