@@ -435,8 +435,9 @@ def test_low_rank_factors_truncate_report_and_round_trip(setup, tmp_path):
     low.save(str(tmp_path / "low"))
     again = load_posterior(model, str(tmp_path / "low"))
     assert [b.kind for b in again.blocks] == [b.kind for b in low.blocks]
+    # float64 to an ulp or two: the reloaded factors are new (contiguous) tensors, so BLAS may sum in another order
     for p, q in zip(low.option_probs(test_scorer, 0, 0), again.option_probs(test_scorer, 0, 0)):
-        torch.testing.assert_close(q, p, rtol=0, atol=0)
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-15)
 
 
 def test_low_rank_needs_kron():
