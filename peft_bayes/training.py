@@ -46,25 +46,24 @@ class NonFiniteLossError(InputError):
     """Training produced a NaN or infinite loss (usually a learning rate too high for the precision)."""
 
 
-def bayes_parameters(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(means, rhos): the posterior mean weight and ``bayeslora_rho`` of every active Bayesian factor, in order."""
-    means, rhos = [], []
+def _active_factors(model):
+    """(layer, adapter name) of every active Bayesian factor, in module order."""
     for _, layer in bayes_layers(model):
         for name in layer.active_adapters:
             if name in layer.bayeslora_rho:
-                means.append(layer.bayes_factor(name).weight)
-                rhos.append(layer.bayeslora_rho[name])
-    return means, rhos
+                yield layer, name
+
+
+def bayes_parameters(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(means, rhos): the posterior mean weight and ``bayeslora_rho`` of every active Bayesian factor, in order."""
+    factors = list(_active_factors(model))
+    return [layer.bayes_factor(n).weight for layer, n in factors], [layer.bayeslora_rho[n] for layer, n in factors]
 
 
 @torch.no_grad()
 def sigma_stats(model) -> dict[str, float]:
     """Mean, median and max of the posterior std over every entry of every active Bayesian factor ({} without)."""
-    stds = []
-    for _, layer in bayes_layers(model):
-        for name in layer.active_adapters:
-            if name in layer.bayeslora_rho:
-                stds.append(layer.posterior_std(name).detach().float().flatten().cpu())
+    stds = [layer.posterior_std(name).detach().float().flatten().cpu() for layer, name in _active_factors(model)]
     if not stds:
         return {}
     s = torch.cat(stds)
