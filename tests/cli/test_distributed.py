@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,21 +19,20 @@ ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
 
 
-def _run(cmd, env):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, port: int):
+@pytest.fixture
+def single_and_two_processes(run_or_dump_stacks):
+    return lambda *args: _single_and_two_processes(run_or_dump_stacks, *args)
+
+
+def _single_and_two_processes(run, train_argv, llama_dir, data_file, tmp_path, common, port: int):
     """train.py in one process into ``tmp_path/single`` and under torchrun (2 gloo processes) into
     ``tmp_path/ddp`` with the same flags; (single folder, ddp folder, torchrun's completed process)."""
     single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], ENV)
-    proc = _run(
+    run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], ENV)
+    proc = run(
         ["torchrun", "--nproc_per_node=2", f"--master_port={port}", "train.py",
          *train_argv(llama_dir, data_file, multi), *common],
         ENV,
@@ -43,9 +41,11 @@ def _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_torchrun_two_processes_matches_single_process(llama_dir, data_file, tmp_path, train_argv):
+def test_torchrun_two_processes_matches_single_process(
+    llama_dir, data_file, tmp_path, train_argv, single_and_two_processes
+):
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0"]
-    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29533)
+    single, multi, proc = single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29533)
     assert "grad accumulation 1 x 2 process(es)" in proc.stdout
 
     a = load_file(single / "adapter_model.safetensors")
@@ -68,7 +68,9 @@ OPTIMIZER_FLAGS = {
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 @pytest.mark.parametrize("optimizer", ["single", "blob"])
-def test_torchrun_bayeslora_counts_the_kl_term_once(optimizer, llama_dir, data_file, tmp_path, train_argv):
+def test_torchrun_bayeslora_counts_the_kl_term_once(
+    optimizer, llama_dir, data_file, tmp_path, train_argv, single_and_two_processes
+):
     """Under DDP the KL term must enter each optimizer step once, as in one process with accumulation (blob: every
     rank steps the same SGD on the same all-reduced NLL gradient of rho plus the KL's).
 
@@ -78,7 +80,7 @@ def test_torchrun_bayeslora_counts_the_kl_term_once(optimizer, llama_dir, data_f
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
               "--adapter_name", "bayeslora", "--bayes_eps", "1e-6", *OPTIMIZER_FLAGS[optimizer]]  # fmt: skip
     port = 29534 if optimizer == "single" else 29539
-    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, port)
+    single, multi, proc = single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, port)
     a = load_file(single / "adapter_model.safetensors")
     b = load_file(multi / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("bayeslora_rho") for k in a)
@@ -89,12 +91,12 @@ def test_torchrun_bayeslora_counts_the_kl_term_once(optimizer, llama_dir, data_f
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI is not on PATH")
-def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_argv):
+def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_argv, run_or_dump_stacks):
     """`accelerate launch` drives the same script (on CPU its launcher runs one process; MPI is needed for more)."""
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--lora_dropout", "0"]
     plain, launched = tmp_path / "plain", tmp_path / "launched"
-    _run([sys.executable, "train.py", *train_argv(llama_dir, data_file, plain), *common], ENV)
-    _run(
+    run_or_dump_stacks([sys.executable, "train.py", *train_argv(llama_dir, data_file, plain), *common], ENV)
+    run_or_dump_stacks(
         ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "train.py", *train_argv(llama_dir, data_file, launched), *common],
         ENV,
@@ -106,14 +108,16 @@ def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_a
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_torchrun_train_fits_laplace_on_all_the_data(llama_dir, data_file, tmp_path, train_argv):
+def test_torchrun_train_fits_laplace_on_all_the_data(
+    llama_dir, data_file, tmp_path, train_argv, single_and_two_processes
+):
     """train.py --posterior laplace under torchrun: every rank fits its share, the sums are all-reduced, rank 0
     saves; the posterior covers every training example and matches one process's (same adapter up to 1e-5)."""
     import json
 
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--lora_dropout", "0",
               "--posterior", "laplace"]  # fmt: skip
-    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29535)
+    single, multi, proc = single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29535)
     a, b = (json.loads((d / "posterior" / "laplace" / "posterior_config.json").read_text()) for d in (single, multi))
     n_records = len(json.loads(Path(data_file).read_text()))
     assert a["n_data"] == b["n_data"] == n_records
@@ -122,14 +126,16 @@ def test_torchrun_train_fits_laplace_on_all_the_data(llama_dir, data_file, tmp_p
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_torchrun_swag_collects_once_the_synchronised_weights(llama_dir, data_file, tmp_path, train_argv):
+def test_torchrun_swag_collects_once_the_synchronised_weights(
+    llama_dir, data_file, tmp_path, train_argv, single_and_two_processes
+):
     """train.py --posterior swag under torchrun: every rank collects the same (all-reduced) weights, rank 0 saves
     one posterior, equal to one process's with the same global batch (to float32 rounding, as the adapters)."""
     import json
 
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_dropout", "0",
               "--posterior", "swag", "--swag_start", "0steps", "--swag_collect_every", "1"]  # fmt: skip
-    single, multi, proc = _single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29536)
+    single, multi, proc = single_and_two_processes(train_argv, llama_dir, data_file, tmp_path, common, 29536)
     folders = [d / "posterior" / "swag" for d in (single, multi)]
     configs = [json.loads((f / "posterior_config.json").read_text()) for f in folders]
     assert configs[0]["n_models"] == configs[1]["n_models"] == 3

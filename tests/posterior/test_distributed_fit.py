@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,10 +32,7 @@ def _basis_free(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _run(cmd: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
@@ -52,11 +48,12 @@ def _run(cmd: list[str]) -> None:
         ("kron", "exact", ["12"], "29544", 1e-3),
     ],
 )
-def test_two_processes_fit_one_process_posterior(structure, fisher, rank, port, rtol, tmp_path):
+def test_two_processes_fit_one_process_posterior(structure, fisher, rank, port, rtol, tmp_path, run_or_dump_stacks):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    _run([sys.executable, str(WORKER), str(single), structure, fisher, *rank])
-    _run(
-        ["torchrun", "--nproc_per_node=2", f"--master_port={port}", str(WORKER), str(multi), structure, fisher, *rank]
+    run_or_dump_stacks([sys.executable, str(WORKER), str(single), structure, fisher, *rank], ENV)
+    run_or_dump_stacks(
+        ["torchrun", "--nproc_per_node=2", f"--master_port={port}", str(WORKER), str(multi), structure, fisher, *rank],
+        ENV,
     )
     a, b = (_basis_free(load_file(d / "posterior.safetensors")) for d in (single, multi))
     assert a.keys() == b.keys() and len(a) > 1
@@ -69,3 +66,30 @@ def test_two_processes_fit_one_process_posterior(structure, fisher, rank, port, 
     assert ca["fingerprint"] == cb["fingerprint"] and ca["loglik"] == pytest.approx(cb["loglik"], rel=RTOL)
     truncated = min(ca["captured_mass"]) < 0.999  # only the rank-12 case drops eigenvalue mass
     assert truncated == (rtol != RTOL)
+
+
+CLOSE = """
+import sys, time
+import torch.distributed as dist
+from peft_bayes.posterior.distributed import close_process_group
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+if sys.argv[1] == "hang":
+    dist.destroy_process_group = lambda: time.sleep(600)  # a teardown that never returns
+print("outputs written")  # not flushed: the exit must flush it
+close_process_group(timeout_s=2)
+print("closed; group initialized:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("teardown", ["returns", "hang"])
+def test_close_process_group_destroys_the_group_and_bounds_a_hanging_teardown(teardown, tmp_path, run_or_dump_stacks):
+    """The normal path destroys the group; a destroy_process_group that never returns (pytorch#75097) ends the
+    process after the timeout with status 0, a warning, and what it had printed."""
+    proc = run_or_dump_stacks([sys.executable, "-c", CLOSE, teardown, str(tmp_path / "store")], ENV, timeout=120)
+    if teardown == "returns":
+        assert proc.stdout.splitlines() == ["outputs written", "closed; group initialized: False"]
+        assert "warning" not in proc.stderr
+    else:
+        assert proc.stdout.splitlines() == ["outputs written"]
+        assert "destroy_process_group did not return within 2 s" in proc.stderr
