@@ -406,7 +406,10 @@ def write_val_slice(args: argparse.Namespace, work: Path, train_index: list[int]
 def check_test_set(args: argparse.Namespace) -> Path:
     path = Path(args.data_dir) / args.task / "test.json"
     if not path.is_file():
-        raise InputError(f"--data_dir/--task: {path} not found (LLM-Adapters' <data_dir>/<task>/test.json)")
+        raise InputError(
+            f"--data_dir/--task: {path} not found: the bench reads LLM-Adapters' data sets as <data_dir>/<task>/"
+            f"test.json and train.json (by default from {DEFAULT_DATA_DIR}, beside the checkout); pass --data_dir"
+        )
     return path
 
 
@@ -870,7 +873,10 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(args, work, runner, train_data)
         extra = {"machine": machine, "train_data": str(train_data), "train_indices": index, "test_data": str(test)}
         md, summary_line = write_report(args, results, runner, extra)
-    except (StepFailed, InputError) as err:
+    except InputError as err:  # bad flags or a missing data set: nothing ran
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StepFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -3,9 +3,13 @@
 Importing this package checks the installed PEFT version and registers the package's tuner types with PEFT.
 """
 
-from peft_bayes import registry
-from peft_bayes.errors import InputError
-from peft_bayes.models import packaged_models, resolve_model
+from peft_bayes import _quiet
+
+_quiet.install()  # before peft (and through it bitsandbytes) is imported: see _quiet.py for each message and why
+
+from peft_bayes import registry  # noqa: E402
+from peft_bayes.errors import InputError  # noqa: E402
+from peft_bayes.models import packaged_models, resolve_model  # noqa: E402
 
 __version__ = "0.1.0"
 

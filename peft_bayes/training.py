@@ -336,6 +336,21 @@ class PeftBayesTrainer(Trainer):
 _HISTORY = ("loss", "nll", "kl", "kl_term", "sigma_mean", "sigma_median", "sigma_max", "learning_rate")
 
 
+class NoUnscheduledFinalCheckpoint(TrainerCallback):
+    """Keeps the Trainer from writing a checkpoint at the last step when none is due there.
+
+    transformers' ``DefaultFlowCallback`` saves a full checkpoint (optimizer state included) at the end of every
+    step-scheduled run, so ``--save_step 100000`` still left a ``checkpoint-1250/`` beside the adapter, which train.py
+    saves itself. Runs after that callback and takes the end-of-run save back unless the step is a multiple of
+    ``save_steps``, or ``load_best_model_at_end`` needs the last evaluation's checkpoint to compare."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = state.save_steps > 0 and state.global_step % state.save_steps == 0
+        if state.global_step >= state.max_steps and not due and not args.load_best_model_at_end:
+            control.should_save = False
+        return control
+
+
 class AdaLoraCallback(TrainerCallback):
     """Calls AdaLoRA's ``update_and_allocate`` after each optimizer step, while gradients are still there."""
 

@@ -27,7 +27,7 @@ from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
 
-from peft_bayes.errors import InputError
+from peft_bayes.errors import InputError, did_you_mean
 from peft_bayes.tuners import BayesLoraConfig, BottleneckConfig, ParallelAdapterConfig
 from peft_bayes.tuners.bottleneck import MLP_INPUT_PROJECTIONS, PRESETS
 from peft_bayes.tuners.parallel import SCALED_PARALLEL_SCALING
@@ -275,7 +275,9 @@ def register_adapter(name: str, spec: AdapterSpec) -> None:
 def adapter_spec(name: str) -> AdapterSpec:
     key = name.lower()
     if key not in ADAPTERS:
-        raise InputError(f"unknown --adapter_name {name!r}; expected one of: {', '.join(ADAPTERS)}")
+        raise InputError(
+            f"unknown --adapter_name {name!r}{did_you_mean(key, ADAPTERS)}; expected one of: {', '.join(ADAPTERS)}"
+        )
     return ADAPTERS[key]
 
 

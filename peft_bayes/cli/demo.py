@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,10 +51,26 @@ def command(name: str, args: list[str]) -> list[str]:
     return [sys.executable, "-c", code + "sys.exit(run_cli(main))", *args]
 
 
+def printable(cmd: list[str]) -> str:
+    """The command as one line a user can paste into a shell: ``python`` when that is this interpreter, paths under
+    the working directory relative to it, every word shell-quoted."""
+    words = list(cmd)
+    on_path = shutil.which("python")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable):
+        words[0] = "python"
+    here = Path.cwd().resolve()
+    for i, word in enumerate(words):
+        path = Path(word)
+        if path.is_absolute() and path.resolve().is_relative_to(here):
+            words[i] = str(path.resolve().relative_to(here))
+    return shlex.join(words)
+
+
 def run(name: str, args: list[str]) -> None:
-    print(f"\n$ {name}.py " + " ".join(shlex.quote(a) for a in args), flush=True)
+    cmd = command(name, args)
+    print(f"\n$ {printable(cmd)}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", THREADS)}
-    subprocess.run(command(name, args), check=True, env=env)
+    subprocess.run(cmd, check=True, env=env)
 
 
 def prepare(folder: Path) -> tuple[Path, Path, Path]:

@@ -15,7 +15,16 @@ import time
 from dataclasses import dataclass
 
 from peft_bayes.cli import adapters
-from peft_bayes.cli.common import ArgumentParser, peak_memory, str2bool, write_json_atomic
+from peft_bayes.cli.common import (
+    ArgumentParser,
+    add_recorded_flags,
+    apply_recorded_settings,
+    peak_memory,
+    progress_printer,
+    quiet_progress_bars_off_terminal,
+    str2bool,
+    write_json_atomic,
+)
 from peft_bayes.cli.posterior_flags import (
     MEMBER_POSTERIORS,
     STOCHASTIC_POSTERIORS,
@@ -59,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding <dataset>/test.json (LLM-Adapters' layout); env PEFT_BAYES_DATA_DIR",
     )
     p.add_argument("--data_path", default=None, help="any JSON file in the schema (overrides --data_dir)")
-    p.add_argument("--prompt_template", default="alpaca", help="template name or JSON file; chat: the tokenizer's")
+    p.add_argument(
+        "--prompt_template",
+        default=None,
+        help="template name or JSON file; chat: the tokenizer's (default: the one the adapter's train_args.json "
+        "records, else alpaca)",
+    )
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--num_beams", type=int, default=1)
@@ -94,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--choice_format",
-        default="label",
+        default=None,
         choices=CHOICE_FORMATS,
-        help="multiple choice: label = score the option label after --choice_prefix (LLM-Adapters); cloze = score "
+        help="(default: cloze or letter where the adapter's train_args.json records it, else label) multiple "
+        "choice: label = score the option label after --choice_prefix (LLM-Adapters); cloze = score "
         "each option's text as the response to the question alone (small models; lm-evaluation-harness); letter = "
         "the lettered question, the K-way softmax over the letter tokens at 'Answer:' (BLoB, Laplace-LoRA, SWAG-LoRA)",
     )
@@ -117,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ood_dataset", default=None, help="multiple-choice OOD test set (resolved via --data_dir)")
     b.add_argument("--ood_data_path", default=None, help="OOD test file (overrides --data_dir for the OOD set)")
     add_posterior_flags(p, training=False)
+    add_recorded_flags(p)
     return p
 
 
@@ -242,6 +258,7 @@ def _parsed_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, 
 
 
 def check_args(args) -> None:
+    apply_recorded_settings(args, {"prompt_template": "alpaca", "choice_format": "label"})
     if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise InputError("--batch_size, --max_new_tokens and --num_beams must be positive")
     if args.limit is not None and args.limit <= 0:
@@ -265,11 +282,7 @@ def _saved_peft_type(adapter: str | None) -> str | None:
 
 
 def _progress(args, name: str):
-    def progress(done: int, total: int) -> None:
-        if not args.quiet:
-            print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", flush=True)
-
-    return progress
+    return progress_printer(name, args.quiet)
 
 
 def _choice_probs(model, tokenizer, data: EvalSet, args, samples: int, label: str) -> list:
@@ -314,10 +327,12 @@ def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.cli.modeling import load_prompter
+    from peft_bayes.cli.modeling import check_base_model, load_prompter
 
     args = build_parser().parse_args(argv)
+    quiet_progress_bars_off_terminal()
     check_args(args)
+    check_base_model(args.base_model, args.trust_remote_code)  # a missing model is named before the data is read
     prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer
     data = load_eval_set(*resolve_dataset(args), args.limit, prompter, args.choice_format, args.choice_prefix)
     ood = None
@@ -368,7 +383,19 @@ def write_outputs(output_dir: str, data: EvalSet, summary: dict, rows, probs=Non
         title = f"{data.name}, {summary['samples'] or 'no'} posterior samples"
         png = calibration.write_reliability(probs, data.golds, stem + "_reliability.png", title)
         summary["reliability_diagram"] = png
-    write_json_atomic(stem + "_summary.json", summary)
+    write_json_atomic(stem + "_summary.json", rounded(summary))
+
+
+def rounded(obj, digits: int = 12):
+    """``obj`` with every float cut to ``digits`` significant digits: sums of float64 terms carry noise in their last
+    bits (an ECE of 8 % was written as 7.9999999999999964), far below any difference that means something."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
 
 
 def _summary(args, data: EvalSet, rows: list[dict], wall: float, samples: int, metrics: dict) -> dict:

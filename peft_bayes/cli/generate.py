@@ -11,7 +11,13 @@ import importlib.util
 import sys
 from threading import Thread
 
-from peft_bayes.cli.common import ArgumentParser, str2bool
+from peft_bayes.cli.common import (
+    ArgumentParser,
+    add_recorded_flags,
+    apply_recorded_settings,
+    quiet_progress_bars_off_terminal,
+    str2bool,
+)
 from peft_bayes.errors import InputError
 
 QUIT_WORDS = ("exit", "quit", ":q")
@@ -24,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
     )
-    p.add_argument("--prompt_template", default="alpaca", help="template name or JSON file; chat: the tokenizer's")
+    p.add_argument(
+        "--prompt_template",
+        default=None,
+        help="template name or JSON file; chat: the tokenizer's (default: the one the adapter's train_args.json "
+        "records, else alpaca)",
+    )
     p.add_argument("--instruction", default=None, help="one-shot mode: answer this instruction and exit")
     p.add_argument("--input", default=None, help="optional input section for --instruction")
     p.add_argument("--ui", action="store_true", help="start a Gradio page instead of the terminal REPL")
@@ -42,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load_8bit", type=str2bool, nargs="?", const=True, default=False)
     g.add_argument("--load_4bit", type=str2bool, nargs="?", const=True, default=False)
     g.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
+    add_recorded_flags(p)
     return p
 
 
@@ -165,10 +177,13 @@ def launch_ui(responder: Responder, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from peft_bayes.cli.evaluate import load_eval_model, tokenizer_source
-    from peft_bayes.cli.modeling import load_prompter
+    from peft_bayes.cli.modeling import check_base_model, load_prompter
 
     args = build_parser().parse_args(argv)
+    quiet_progress_bars_off_terminal()
+    apply_recorded_settings(args, {"prompt_template": "alpaca"})
     gen_kwargs = generation_kwargs(args)
+    check_base_model(args.base_model, args.trust_remote_code)
     if args.ui and importlib.util.find_spec("gradio") is None:  # fail before minutes of model loading
         raise InputError("--ui needs gradio: pip install 'peft_bayes[ui]'")
     prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer

@@ -3,7 +3,9 @@ optional 8-bit / 4-bit bases."""
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import torch
 
@@ -38,13 +40,79 @@ def world_size() -> int:
 
 def check_model_source(path: str, what: str) -> str:
     """The folder or Hub id to load: a packaged model name (``smollm2-135m``) becomes its cached folder, converted on
-    first use. Raises InputError when ``path`` looks like a local path (not a Hub id) and is not a directory."""
+    first use. Raises InputError at once when ``path`` looks like a local path and is not a directory: it starts with
+    ``/``, ``.`` or ``~``, has more than one ``/``, or its first component exists here (``demo_run/modle``). A
+    remaining name is a Hub id; when the Hub cannot be reached, it is looked up in the local Hub cache only."""
     path = resolve_model(path)
-    # Hub ids are "name" or "owner/name"; anything that looks like a filesystem path must exist.
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+    if os.path.isdir(os.path.expanduser(path)):
+        return path
+    first = path.split("/")[0]
+    looks_local = (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or (os.sep != "/" and os.sep in path)
+        or ("/" in path and os.path.exists(first))
+    )
+    if looks_local:
         raise InputError(f"{what} {path!r} not found: no such directory")
+    _go_offline_without_network(path)
     return path
+
+
+def check_base_model(path: str, trust_remote_code: bool = False) -> str:
+    """``check_model_source`` for ``--base_model``, and for a Hub id its config fetched (or read from the local Hub
+    cache): a missing model is reported before any data is read. Returns the folder or Hub id."""
+    path = check_model_source(path, "base model")
+    if not os.path.isdir(os.path.expanduser(path)):
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _hub_error(path, "base model", err) from None
+    return path
+
+
+def _go_offline_without_network(name: str) -> None:
+    """Without ``HF_HUB_OFFLINE``, a Hub id on a machine without network costs a storm of retries (about a minute)
+    before the error. One quick probe of the Hub's host decides instead: unreachable, the process switches to
+    offline mode (the local Hub cache only) and says so in one line."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or _hub_reachable(hub.ENDPOINT):
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub.HF_HUB_OFFLINE = True
+    print(
+        f"{hub.ENDPOINT} cannot be reached: looking for {name!r} in the local Hub cache only "
+        "(HF_HUB_OFFLINE=1 skips this check)",
+        file=sys.stderr,
+    )
+
+
+@functools.cache
+def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the endpoint's host opens within ``timeout_s`` (the name lookup included, run in
+    a thread because ``getaddrinfo`` takes no timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return bool(result and result[0])
 
 
 def _hub_error(path: str, what: str, err: Exception) -> InputError:

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import fields
 
-from peft_bayes.cli.common import comma_list, str2bool
+from peft_bayes.cli.common import comma_list, progress_printer, str2bool
 from peft_bayes.errors import InputError
 
 POSTERIOR_CHOICES = (
@@ -252,14 +252,7 @@ def fit_laplace(model, tokenizer, prompter, args, fit_path, folder, choice_data:
     size = options.grad_batch_size  # a training-sized batch: the fit keeps the whole graph of a forward pass
     batches = fit_batches(fit_path, args.fit_limit, options.likelihood, model, tokenizer, prompter, args, size)
 
-    def progress(done: int, total: int) -> None:
-        if not quiet:
-            print(
-                f"\rLaplace fit ({options.structure}, {options.likelihood}): {done}/{total} examples",
-                end="" if done < total else "\n",
-                flush=True,
-            )
-
+    progress = progress_printer(f"Laplace fit ({options.structure}, {options.likelihood}), examples", quiet)
     t0 = time.perf_counter()
     posterior.fit(batches, progress)
     if options.prior_method == "val":
@@ -352,11 +345,7 @@ def fit_temperature(model, tokenizer, prompter, args, fit_path: str, folder: str
 
 
 def _progress_line(label: str, quiet: bool):
-    def progress(done: int, total: int) -> None:
-        if not quiet:
-            print(f"\r{label}: {done}/{total}", end="" if done < total else "\n", flush=True)
-
-    return progress
+    return progress_printer(label, quiet)
 
 
 def resolve_posterior(args, model, tokenizer, prompter, choice_data: bool):

@@ -11,10 +11,17 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import tempfile
 
 from peft_bayes.cli import adapters
-from peft_bayes.cli.common import ArgumentParser, comma_list, str2bool, write_json_atomic
+from peft_bayes.cli.common import (
+    ArgumentParser,
+    comma_list,
+    quiet_progress_bars_off_terminal,
+    str2bool,
+    write_json_atomic,
+)
 from peft_bayes.errors import InputError
 from peft_bayes.training import BAYES_OPTIMIZERS
 from peft_bayes.tuners.adapter_mlp import parse_scaling
@@ -387,6 +394,7 @@ def _training_arguments(args, accum: int, total_steps: int, has_val: bool):
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        disable_tqdm=not sys.stderr.isatty(),  # off a terminal: the log lines every --logging_steps, no bar
         **steps_kw,
     )
 
@@ -434,11 +442,13 @@ def save_final(model, tokenizer, args, extra: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.cli.modeling import local_rank, world_size
+    from peft_bayes.cli.modeling import check_base_model, local_rank, world_size
 
     args = parse_args(argv)
+    quiet_progress_bars_off_terminal()
     world = world_size()
     accum = check_args(args, world)
+    check_base_model(args.base_model, args.trust_remote_code)  # a missing model is named before any data check
     from transformers import set_seed
 
     set_seed(args.seed)  # before the adapter is created: its initial weights come from this seed
@@ -544,7 +554,7 @@ def _targets_of(peft_config) -> list[str] | None:
 def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, steps_per_epoch):
     from transformers import DataCollatorForSeq2Seq
 
-    from peft_bayes.training import AdaLoraCallback, LetterCollator, PeftBayesTrainer
+    from peft_bayes.training import AdaLoraCallback, LetterCollator, NoUnscheduledFinalCheckpoint, PeftBayesTrainer
     from peft_bayes.tuners.bayeslora import blob_cycle_length
 
     model.config.use_cache = False
@@ -568,6 +578,7 @@ def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, st
         kllr=args.bayes_kllr,
         total_steps=total,
     )
+    trainer.add_callback(NoUnscheduledFinalCheckpoint())
     if args.adapter_name.lower() == "adalora":
         trainer.add_callback(AdaLoraCallback(model))
     return trainer

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from peft_bayes.errors import InputError
+from peft_bayes.errors import InputError, did_you_mean
 from peft_bayes.posterior.base import OptionScorer, Posterior
 from peft_bayes.posterior.curvature import (
     SUBSETS,
@@ -59,7 +59,7 @@ Progress = Callable[[int, int], None]
 
 def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise InputError(f"--{flag} must be one of {'/'.join(allowed)}, got {value!r}")
+        raise InputError(f"--{flag} must be one of {'/'.join(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
 
 
 @dataclass
