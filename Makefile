@@ -6,7 +6,7 @@ DEMO_REAL_DIR ?= demo_real
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev install-real demo demo-real test lint bench clean
+.PHONY: install install-dev install-real demo demo-real test lint bench clean clean-cache
 
 # torch==2.13.0 first: it is the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 install:
@@ -48,5 +48,12 @@ lint: install-dev
 bench: install
 	$(PY) bench/bench_bayeslora_step.py $(BENCH_ARGS)
 
+# The converted real model (~540 MB) lives outside the checkout: clean keeps it, clean-cache removes it.
+PEFT_BAYES_CACHE ?= $(HOME)/.cache/peft_bayes
+
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_REAL_DIR) build dist *.egg-info
+	@echo "kept the converted-model cache in $(PEFT_BAYES_CACHE) ($$(du -sh $(PEFT_BAYES_CACHE) 2>/dev/null | cut -f1 || echo empty)); make clean-cache removes it"
+
+clean-cache:
+	rm -rf $(PEFT_BAYES_CACHE)

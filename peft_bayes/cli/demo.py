@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from peft_bayes.cli.common import ArgumentParser
+from peft_bayes.cli.common import ArgumentParser, quiet_progress_bars_off_terminal
 
 # Settings chosen so the demo learns clearly within its time budget on 2 CPU cores (see the README).
 # The base is random and frozen, so the LoRA update on every linear layer does all the learning; a wider
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m peft_bayes.cli.demo", description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default="demo_run")
     args = parser.parse_args(argv)
+    quiet_progress_bars_off_terminal()
     folder = Path(args.folder)
     t0 = time.perf_counter()
     model, train_data, test_data = prepare(folder)

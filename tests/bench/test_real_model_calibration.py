@@ -209,3 +209,34 @@ def test_letter_format_both_optimizers_sigma_figure_and_validation_split(tiny_se
     assert {"zero-shot", "lora", "bayeslora:samples"} <= {r.get("row") for r in progress}
     final = _run(root, model, out, *common, "--methods", "zero-shot,lora,bayeslora", "--resume")
     assert json.loads(stem.with_suffix(".json").read_text())["commands"] == [] and final.returncode == 0
+
+
+def test_missing_data_sets_exit_2_with_one_line_naming_data_dir(tmp_path, capsys):
+    """`make demo-real` without ../shared/data: bad input (exit 2, as every script), said in one line."""
+    missing = tmp_path / "no-data"
+    flags = ["--data_dir", str(missing), "--output_dir", str(tmp_path / "out"), "--methods", "zero-shot"]
+    assert _bench_module().main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --data_dir/--task:")
+    assert str(missing / "ARC-Easy" / "test.json") in err and "pass --data_dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_conclusion_sets_each_sampled_bayesian_row_against_the_map():
+    bench = _bench_module()
+
+    def row(key, label, ece, acc):
+        return {"row": key, "label": label, "ECE %": {"mean": ece, "std": 1.0}, "ACC %": {"mean": acc, "std": 0.0}}
+
+    rows = [
+        row("lora", "LoRA (MAP)", 32.0, 54.0),
+        row("temperature", "temperature scaling (MAP)", 14.0, 54.0),
+        row("bayeslora:samples", "BayesLoRA (N=10)", 33.6, 54.0),
+        row("bayeslora:mean", "BayesLoRA (mean)", 33.6, 54.0),
+        row("bayeslora_single:samples", "BayesLoRA, one AdamW (N=10)", 8.0, 50.0),
+    ]
+    line = bench.conclusion(rows)
+    assert "lowest ECE: BayesLoRA, one AdamW (N=10) 8.0 % (0.25 x the MAP's) at 50.0 % accuracy" in line
+    assert line.endswith(
+        "; temperature scaling 14.0 % at 54.0 %; BayesLoRA (N=10) 33.6 % (1.05 x the MAP's) at 54.0 %"
+    )

@@ -191,8 +191,8 @@ def test_unknown_flag_is_one_line(main, capsys):
     "flags,expected",
     [
         (["--scaling", "lots"], "error: argument --scaling: scaling must be a number or 'learned', got 'lots'"),
-        (["--non_linearity", "swish"], "error: argument --non_linearity: invalid choice: 'swish'"),
-        (["--adapter_init", "xavier"], "error: argument --adapter_init: invalid choice: 'xavier'"),
+        (["--non_linearity", "swish"], "error: argument --non_linearity: invalid choice 'swish'"),
+        (["--adapter_init", "xavier"], "error: argument --adapter_init: invalid choice 'xavier'"),
     ],
 )
 def test_bad_adapter_flag_values_are_one_line(flags, expected, capsys):

@@ -303,3 +303,18 @@ def test_summary_numbers_carry_no_float_noise():
         "s": "a",
     }
     assert evaluate.rounded(1 / 3) == pytest.approx(1 / 3, rel=1e-12)
+
+
+def test_make_clean_cache_removes_the_converted_model_cache(tmp_path):
+    import shutil
+    import subprocess
+
+    from peft_bayes.cli.demo import ROOT
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    cache = tmp_path / "cache"
+    (cache / "models" / "m").mkdir(parents=True)
+    (cache / "models" / "m" / "model.safetensors").write_bytes(b"x")
+    proc = subprocess.run(["make", "-s", "clean-cache", f"PEFT_BAYES_CACHE={cache}"], cwd=ROOT, capture_output=True)
+    assert proc.returncode == 0 and not cache.exists()
