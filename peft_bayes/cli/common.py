@@ -198,9 +198,10 @@ def recorded_train_args(adapter: str | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def apply_recorded_settings(args, defaults: dict[str, str]) -> None:
+def apply_recorded_settings(args, defaults: dict[str, str]) -> str | None:
     """Sets each flag of ``defaults`` (flag name -> default) that was not given (None) to the value the adapter's
-    ``train_args.json`` recorded, else to its default, and says on stderr, in one line, which came from the adapter.
+    ``train_args.json`` recorded, else to its default. Returns the line that says which came from the adapter (None
+    when none did), for the script to print once its checks have passed, so that an error stays the only line.
 
     A flag given explicitly with a value other than the recorded one is refused (an adapter prompted with another
     template than it was trained on answers worse and nothing else warns), unless ``--override_train_args``."""
@@ -223,8 +224,7 @@ def apply_recorded_settings(args, defaults: dict[str, str]) -> None:
             f"{', '.join(conflicts)}: the adapter's {where} records another setting; drop the flag to use the "
             "recorded one, or add --override_train_args to use yours"
         )
-    if taken:
-        print(f"{', '.join(taken)}: as recorded in {where}", file=sys.stderr)
+    return f"{', '.join(taken)}: as recorded in {where}" if taken else None
 
 
 def add_recorded_flags(p: argparse.ArgumentParser) -> None:

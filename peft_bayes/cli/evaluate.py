@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -258,7 +259,7 @@ def _parsed_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, 
 
 
 def check_args(args) -> None:
-    apply_recorded_settings(args, {"prompt_template": "alpaca", "choice_format": "label"})
+    args.recorded_note = apply_recorded_settings(args, {"prompt_template": "alpaca", "choice_format": "label"})
     if args.batch_size <= 0 or args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise InputError("--batch_size, --max_new_tokens and --num_beams must be positive")
     if args.limit is not None and args.limit <= 0:
@@ -357,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         args.posterior_object.eval_draw = args.bayes_eval_draw if data.task.kind == "choice" else "pass"
     model = args.posterior_object.model  # an ensemble's members join the model as named adapters
     samples = predictive.resolve_samples(args.samples, model, args.posterior_object)
+    if args.recorded_note:  # every check passed: the settings taken from the adapter, in one line
+        print(args.recorded_note, file=sys.stderr)
     t0 = time.perf_counter()
     probs, ood_rows = None, None
     if data.task.kind == "choice":

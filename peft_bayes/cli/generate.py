@@ -181,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_progress_bars_off_terminal()
-    apply_recorded_settings(args, {"prompt_template": "alpaca"})
+    note = apply_recorded_settings(args, {"prompt_template": "alpaca"})
     gen_kwargs = generation_kwargs(args)
     check_base_model(args.base_model, args.trust_remote_code)
     if args.ui and importlib.util.find_spec("gradio") is None:  # fail before minutes of model loading
         raise InputError("--ui needs gradio: pip install 'peft_bayes[ui]'")
     prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer
     model, tokenizer = load_eval_model(args)
+    if note:  # every check passed: the template taken from the adapter, in one line
+        print(note, file=sys.stderr)
     responder = Responder(model, tokenizer, prompter, gen_kwargs, seed=args.seed)
     if args.instruction is not None:
         responder.respond(args.instruction, args.input, out=sys.stdout)

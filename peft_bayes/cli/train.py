@@ -16,6 +16,7 @@ import tempfile
 
 from peft_bayes.cli import adapters
 from peft_bayes.cli.common import (
+    TRAIN_ARGS,
     ArgumentParser,
     comma_list,
     quiet_progress_bars_off_terminal,
@@ -434,7 +435,7 @@ def save_final(model, tokenizer, args, extra: dict) -> None:
         # A head adapter (lm_head in the targets) saves its LoRA weights only, never the (tied) embedding matrix.
         model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(staging)
-        write_json_atomic(os.path.join(staging, "train_args.json"), {**vars(args), **extra})
+        write_json_atomic(os.path.join(staging, TRAIN_ARGS), {**vars(args), **extra})
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(args.output_dir, name))
     finally:
@@ -543,6 +544,8 @@ def _save_swag(args, collector) -> None:
         print(f"SWAG: {collector.n_models} models collected after optimizer steps {steps}; saved to {folder}")
         if args.swag_export_swa:
             swa = collector.posterior().export_swa(os.path.join(args.output_dir, "swa"))
+            # the SWA adapter is this run's adapter too: evaluate.py / generate.py read its prompt template there
+            shutil.copy2(os.path.join(args.output_dir, TRAIN_ARGS), os.path.join(swa, TRAIN_ARGS))
             print(f"SWA mean saved as a plain adapter to {swa}")
 
 

@@ -14,6 +14,7 @@ import torch
 
 from peft_bayes.cli import evaluate
 from peft_bayes.cli import generate as gen
+from peft_bayes.cli.common import apply_recorded_settings
 from peft_bayes.data import Prompter
 from peft_bayes.errors import InputError
 
@@ -32,6 +33,7 @@ def _args(*argv):
 def _responder(base, *flags) -> gen.Responder:
     """The Responder generate.py's main builds for these flags."""
     args = gen.build_parser().parse_args(["--base_model", str(base), *map(str, flags)])
+    apply_recorded_settings(args, {"prompt_template": "alpaca"})
     model, tokenizer = evaluate.load_eval_model(args)
     return gen.Responder(
         model, tokenizer, Prompter.from_name(args.prompt_template), gen.generation_kwargs(args), seed=args.seed

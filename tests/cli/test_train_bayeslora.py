@@ -16,10 +16,12 @@ from peft_bayes.tuners.bayeslora import BayesLoraConfig, kl_schedule_factor
 
 
 def _train(train_argv, llama_dir, data_file, out, *extra):
+    # a checkpoint every step: the last one's trainer_state.json holds the whole log history
     argv = train_argv(llama_dir, data_file, out, "--adapter_name", "bayeslora", "--lora_r", "4", *extra)
-    assert train_main(argv) == 0
+    assert train_main([*argv, "--save_step", "1"]) == 0
     saved = json.loads((out / "train_args.json").read_text())
-    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "loss" in entry]
     return saved, steps
 
