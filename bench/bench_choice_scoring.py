@@ -65,7 +65,7 @@ def _paths(args) -> list[str]:
 
 
 def bench_format(model, tok, prompter, path: str, args, fmt: str) -> dict:
-    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.evaluation.datasets import load_eval_set
 
     data = load_eval_set(args.dataset, path, args.n, prompter, fmt)
     paths = _paths(args)
@@ -127,8 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from peft_bayes.cli.common import write_json_atomic, write_text_atomic
     from peft_bayes.cli.modeling import load_base_model, load_prompter, load_tokenizer
+    from peft_bayes.io import write_json_atomic, write_text_atomic
 
     args = parse_args(argv)
     path = os.path.join(args.data_dir, args.dataset, "test.json")

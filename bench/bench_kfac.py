@@ -152,8 +152,8 @@ def memory_section(args) -> list[dict]:
 def compare_section(args, model, tok, data) -> list[dict]:
     """Full against low-rank factors on the same fit data: lml, captured mass, GLM probit metrics on the test set."""
     from peft_bayes import metrics
-    from peft_bayes.cli.evaluate import load_eval_set
     from peft_bayes.data.prompts import Prompter
+    from peft_bayes.evaluation.datasets import load_eval_set
     from peft_bayes.evaluation.predictive import PairScorer
 
     fmt = "label" if args.data_path is None else "cloze"  # as the fit data (common.batches)
@@ -218,7 +218,7 @@ def markdown(args, info: dict, result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from peft_bayes.cli.common import write_json_atomic, write_text_atomic
+    from peft_bayes.io import write_json_atomic, write_text_atomic
 
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -75,8 +75,8 @@ def load(args):
 
 def batches(args, model, tok, path=None, n=None):
     """``n`` questions of ``path`` (default ``--data_path``, or synthetic ones) as differentiable choice batches."""
-    from peft_bayes.cli.evaluate import load_eval_set
     from peft_bayes.data.prompts import Prompter
+    from peft_bayes.evaluation.datasets import load_eval_set
     from peft_bayes.evaluation.predictive import PairScorer
 
     n = n or args.n
@@ -113,7 +113,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from peft_bayes.cli.common import write_json_atomic, write_text_atomic
+    from peft_bayes.io import write_json_atomic, write_text_atomic
     from peft_bayes.posterior import Laplace
 
     args = parse_args(argv)

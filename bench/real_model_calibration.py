@@ -64,8 +64,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_bayes.cli.common import comma_list, write_json_atomic, write_text_atomic
+from peft_bayes.cli.common import comma_list
 from peft_bayes.errors import InputError
+from peft_bayes.io import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

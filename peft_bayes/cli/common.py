@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 
 from peft_bayes.errors import InputError, did_you_mean
@@ -123,47 +122,6 @@ def positive_ints(text: str) -> list[int]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
-
-
-def peak_memory() -> dict:
-    """This process's peak memory so far, in bytes (None where unknown): ``peak_rss_bytes``, the resident high-water
-    mark of this program's own address space (Linux ``VmHWM``; unlike ``ru_maxrss`` it does not start at the parent's
-    size when the process was forked), and ``peak_cuda_bytes``, the CUDA allocator's peak where CUDA was used."""
-    rss = None
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    rss = int(line.split()[1]) * 1024  # kB
-                    break
-    except OSError:
-        pass
-    torch = sys.modules.get("torch")
-    cuda = None
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = int(torch.cuda.max_memory_allocated())
-    return {"peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a temp file beside ``path`` and renames it over ``path``: readers never see half a file, and
-    a failed write leaves the old file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON atomically (see ``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

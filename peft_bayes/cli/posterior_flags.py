@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from peft_bayes.cli.common import comma_list, progress_printer, str2bool
 from peft_bayes.errors import InputError
+from peft_bayes.evaluation.datasets import load_eval_set
 
 POSTERIOR_CHOICES = (
     "auto", "map", "none", "bayeslora", "laplace", "swag", "multiswag", "mc_dropout", "ensemble", "tfb",
@@ -200,7 +201,6 @@ def laplace_options(args, choice_data: bool):
 def fit_batches(path: str, limit, likelihood: str, model, tokenizer, prompter, args, batch_size: int):
     """The fit (or validation) batches of ``path`` for ``likelihood``: multiple-choice examples scored as
     evaluate.py scores them (``--choice_format``, ``--choice_norm``), or the response tokens of each record."""
-    from peft_bayes.cli.evaluate import load_eval_set
     from peft_bayes.evaluation.predictive import PairScorer
 
     name = os.path.splitext(os.path.basename(path))[0]
@@ -320,7 +320,6 @@ def load_tfb(model, folder: str):
 
 def fit_temperature(model, tokenizer, prompter, args, fit_path: str, folder: str | None, choice_data: bool):
     """Fits one temperature on the validation set ``fit_path`` (scored as evaluation scores it), saves it."""
-    from peft_bayes.cli.evaluate import load_eval_set
     from peft_bayes.evaluation.predictive import PairScorer
     from peft_bayes.posterior import TemperatureScaling
 

@@ -21,9 +21,9 @@ from peft_bayes.cli.common import (
     comma_list,
     quiet_progress_bars_off_terminal,
     str2bool,
-    write_json_atomic,
 )
 from peft_bayes.errors import InputError
+from peft_bayes.io import write_json_atomic
 from peft_bayes.training import BAYES_OPTIMIZERS
 from peft_bayes.tuners.adapter_mlp import parse_scaling
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
@@ -28,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from peft_bayes.errors import InputError
+from peft_bayes.io import read_json, write_folder_atomically
 from peft_bayes.posterior.likelihood import ChoiceBatch
 
 CONFIG_NAME = "posterior_config.json"
@@ -155,38 +154,6 @@ class Posterior:
                 json.dump({"posterior": self.name, **self.config()}, f, indent=2)
 
         return write_folder_atomically(folder, write, ".posterior-")
-
-
-def write_folder_atomically(folder: str, write: Callable[[str], None], prefix: str = ".tmp-") -> str:
-    """Runs ``write(tmp)`` on a new temporary folder beside ``folder``, then renames it into place (an earlier
-    ``folder`` is replaced only once the new one is complete), so an interrupted write never leaves a broken or
-    half-replaced folder. Returns ``folder``."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(folder):
-            old = folder + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def read_json(path: str) -> Any:
-    """The JSON in ``path``; a one-line error naming the file when it is not valid JSON."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
 
 
 def posterior_folder(adapter_dir: str, name: str) -> str:

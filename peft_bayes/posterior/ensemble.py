@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, read_json
+from peft_bayes.io import read_json
+from peft_bayes.posterior.base import OptionScorer, Posterior, Progress
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

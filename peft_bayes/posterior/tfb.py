@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import Progress, sample_seed, write_folder_atomically
+from peft_bayes.io import write_folder_atomically
+from peft_bayes.posterior.base import Progress, sample_seed
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_nll, lm_nll
 
 TFB_CONFIG_NAME = "tfb_config.json"

@@ -361,7 +361,7 @@ ARC_TEST = SHARED_DATA / "dataset" / "ARC-Easy" / "test.json"
 @pytest.mark.parametrize("fmt", ["label", "cloze"])
 def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
     """SmolLM2-135M with its own tokenizer and chat template, on real ARC-Easy questions."""
-    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.evaluation.datasets import load_eval_set
     from peft_bayes.cli.modeling import load_prompter
 
     folder = smollm2_cache[1]
@@ -376,7 +376,7 @@ def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
 
 @pytest.mark.skipif(not ARC_TEST.is_file(), reason=f"real data not found at {ARC_TEST} (CI has it under ../shared)")
 def test_real_model_packs_and_its_cached_path_equals_full(smollm2_cache):
-    from peft_bayes.cli.evaluate import load_eval_set
+    from peft_bayes.evaluation.datasets import load_eval_set
     from peft_bayes.cli.modeling import load_prompter
 
     folder = smollm2_cache[1]

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from peft_bayes.cli.common import peak_memory
+from peft_bayes.io import peak_memory
 
 CHILD = """
 import json
-from peft_bayes.cli.common import peak_memory
+from peft_bayes.io import peak_memory
 block = bytearray({mib} * 2**20)
 block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not only reserved
 del block
