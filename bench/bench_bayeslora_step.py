@@ -271,7 +271,7 @@ class BaseModels:
         import bitsandbytes as bnb
         from transformers import AutoModelForCausalLM
 
-        from peft_bayes.cli.modeling import disable_bnb_cpu_repacking, quantization_config
+        from peft_bayes.models import disable_bnb_cpu_repacking, quantization_config
 
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="bench-bayeslora-step-")

@@ -127,8 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from peft_bayes.cli.modeling import load_base_model, load_prompter, load_tokenizer
     from peft_bayes.io import write_json_atomic, write_text_atomic
+    from peft_bayes.models import load_base_model, load_prompter, load_tokenizer
 
     args = parse_args(argv)
     path = os.path.join(args.data_dir, args.dataset, "test.json")

@@ -56,8 +56,7 @@ def load(args):
     else:
         from transformers import AutoModelForCausalLM
 
-        from peft_bayes.cli.modeling import load_tokenizer
-        from peft_bayes.models import resolve_model
+        from peft_bayes.models import load_tokenizer, resolve_model
 
         path = resolve_model(args.base_model)
         tok = load_tokenizer(path, False, padding_side="right")

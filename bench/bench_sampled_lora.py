@@ -101,10 +101,10 @@ from torch import nn  # noqa: E402
 
 from peft_bayes import BayesLoraConfig, sampling  # noqa: E402
 from peft_bayes.cli.common import positive_ints  # noqa: E402
-from peft_bayes.cli.modeling import disable_bnb_cpu_repacking  # noqa: E402
 from peft_bayes.io import write_text_atomic  # noqa: E402
 from peft_bayes.kernels import sampled_lora  # noqa: E402
 from peft_bayes.kernels.nf4_matmul import nf4_matmul  # noqa: E402
+from peft_bayes.models import disable_bnb_cpu_repacking  # noqa: E402
 
 STEM = "sampled_lora"
 MiB = 2**20

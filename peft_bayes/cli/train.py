@@ -283,9 +283,9 @@ def _precision(args: argparse.Namespace) -> tuple[bool, bool]:
 def load_data(args):
     """Loads and splits the records and the prompt template: all data errors surface before the model loads
     (``--prompt_template chat`` reads the base model's tokenizer for its chat template, after the records)."""
-    from peft_bayes.cli.modeling import load_prompter
     from peft_bayes.data import load_records, split_train_val
     from peft_bayes.data.prompts import CHAT
+    from peft_bayes.models import load_prompter
 
     prompter = None if args.prompt_template == CHAT else load_prompter(args.prompt_template, args.base_model)
     records = load_records(args.data_path, split="train")
@@ -314,7 +314,7 @@ def load_model(args):
     """Base model + tokenizer + attached adapter, all validated."""
     import torch
 
-    from peft_bayes.cli.modeling import (
+    from peft_bayes.models import (
         check_model_source,
         load_base_model,
         load_tokenizer,
@@ -443,7 +443,7 @@ def save_final(model, tokenizer, args, extra: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.cli.modeling import check_base_model, local_rank, world_size
+    from peft_bayes.models import check_base_model, local_rank, world_size
 
     args = parse_args(argv)
     quiet_progress_bars_off_terminal()

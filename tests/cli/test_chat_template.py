@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from peft_bayes import models as modeling_mod
 from peft_bayes.cli import evaluate, generate, train
-from peft_bayes.cli import modeling as modeling_mod
 from peft_bayes.errors import InputError
 from peft_bayes.tiny import save_tiny_model
 

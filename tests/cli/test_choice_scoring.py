@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peft_bayes.cli.evaluate import main as evaluate_main
-from peft_bayes.cli.modeling import load_tokenizer
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.data.choices import parse_choice_question
 from peft_bayes.errors import InputError
@@ -31,6 +30,7 @@ from peft_bayes.evaluation.packed_scoring import (
     packing_is_exact,
     shared_length,
 )
+from peft_bayes.models import load_tokenizer
 from peft_bayes.tiny import TINY_ARCHITECTURES
 from peft_bayes.tuners.bayeslora import BayesLoraConfig, posterior_sample
 
@@ -362,7 +362,7 @@ ARC_TEST = SHARED_DATA / "dataset" / "ARC-Easy" / "test.json"
 def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
     """SmolLM2-135M with its own tokenizer and chat template, on real ARC-Easy questions."""
     from peft_bayes.evaluation.datasets import load_eval_set
-    from peft_bayes.cli.modeling import load_prompter
+    from peft_bayes.models import load_prompter
 
     folder = smollm2_cache[1]
     model, tok = _load(folder)
@@ -377,7 +377,7 @@ def test_shared_equals_full_on_the_real_model(fmt, smollm2_cache):
 @pytest.mark.skipif(not ARC_TEST.is_file(), reason=f"real data not found at {ARC_TEST} (CI has it under ../shared)")
 def test_real_model_packs_and_its_cached_path_equals_full(smollm2_cache):
     from peft_bayes.evaluation.datasets import load_eval_set
-    from peft_bayes.cli.modeling import load_prompter
+    from peft_bayes.models import load_prompter
 
     folder = smollm2_cache[1]
     model, tok = _load(folder)

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 from peft_bayes.cli import evaluate
 from peft_bayes.cli.evaluate import generate_batched
 from peft_bayes.cli.evaluate import main as evaluate_main
-from peft_bayes.cli.modeling import load_tokenizer
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.errors import InputError
+from peft_bayes.models import load_tokenizer
 from peft_bayes.tiny import TINY_ARCHITECTURES
 
 # Prompts of clearly different lengths, deliberately not sorted by length.

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 from peft_bayes.cli.common import run_cli
 from peft_bayes.cli.evaluate import generate_batched, load_eval_model
 from peft_bayes.cli.evaluate import main as evaluate_main
-from peft_bayes.cli.modeling import load_tokenizer
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.data.synthetic import make_choice_problems, write_choice_data
 from peft_bayes.errors import InputError
@@ -22,6 +21,7 @@ from peft_bayes.evaluation.choice_scoring import label_pairs, option_sequences, 
 from peft_bayes.evaluation.predictive import averaged_option_probs, averaged_pair_probs, sample_seed
 from peft_bayes.evaluation.votes import majority_vote, vote_metrics
 from peft_bayes.metrics import auroc, confidence_calibration_error
+from peft_bayes.models import load_tokenizer
 from peft_bayes.posterior import BayesLoraPosterior
 from peft_bayes.tiny import TINY_ARCHITECTURES
 from peft_bayes.tuners.bayeslora import BayesLoraConfig, fresh_draws, posterior_sample

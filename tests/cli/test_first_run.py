@@ -101,7 +101,7 @@ def test_recorded_choice_format_conflict_is_refused(tmp_path):
 
 @pytest.mark.parametrize("path", ["demo_run/modle", "./modle", "demo_run/sub/modle", "~/no-such-model-here"])
 def test_local_looking_model_path_fails_at_once(path, tmp_path, monkeypatch):
-    from peft_bayes.cli.modeling import check_model_source
+    from peft_bayes.models import check_model_source
 
     (tmp_path / "demo_run").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -112,7 +112,7 @@ def test_local_looking_model_path_fails_at_once(path, tmp_path, monkeypatch):
 def test_hub_probe_tells_open_from_closed_ports():
     import socket
 
-    from peft_bayes.cli.modeling import _hub_reachable
+    from peft_bayes.models import _hub_reachable
 
     probe = _hub_reachable.__wrapped__  # uncached: one port, open then closed
 
@@ -127,7 +127,7 @@ def test_hub_probe_tells_open_from_closed_ports():
 def test_unreachable_hub_switches_to_the_local_cache(monkeypatch, capsys):
     import huggingface_hub.constants as hub
 
-    from peft_bayes.cli import modeling
+    from peft_bayes import models as modeling
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -28,8 +28,8 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import BayesLoraConfig, sampling
-from peft_bayes.cli.modeling import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.kernels import sampled_lora as sl
+from peft_bayes.models import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.tiny import build_tiny_model, save_tiny_model
 from peft_bayes.tuners.bayeslora.layer import std_from_rho
 from peft_bayes.tuners.bayeslora.sampling import bayes_layers

@@ -430,7 +430,7 @@ def test_quantized_base(quantized_dir, tiny_tokenizer, bits):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from peft_bayes.cli.modeling import disable_bnb_cpu_repacking
+    from peft_bayes.models import disable_bnb_cpu_repacking
 
     if bits == 4:
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)

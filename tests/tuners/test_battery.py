@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import registry
 from peft_bayes.cli import adapters
-from peft_bayes.cli.modeling import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.cli.train import build_parser
 from peft_bayes.errors import InputError
+from peft_bayes.models import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model
 
 # PEFT's LoHa, LoKr and OFT wrap nn.Linear only, not GPT-2's Conv1D: attaching them must fail with a clear error.
