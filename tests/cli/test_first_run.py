@@ -158,9 +158,10 @@ def test_missing_hub_model_without_network_is_one_quick_error(data_file, tmp_pat
     )  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert "cannot be reached" in lines[0] and lines[-1].startswith("error: base model 'modle' could not be loaded")
+    assert lines[-1].startswith("error: base model 'modle' could not be loaded")
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert sum("cannot be reached: looking for 'modle' in the local Hub cache only" in line for line in lines) == 1
     assert "Retry" not in proc.stderr and "leaves no training data" not in proc.stderr  # model checked first
-    assert len(lines) == 2, proc.stderr
 
 
 def test_train_names_a_missing_model_before_data_size_checks(llama_dir, data_file, tmp_path, train_argv):
