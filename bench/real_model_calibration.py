@@ -170,7 +170,7 @@ def _multiple_of(n: int, m: int) -> int:
     return -(-max(n, 1) // m) * m
 
 
-# The post-hoc and sampling posteriors of issue 13 on the same adapters: one table with every method.
+# The post-hoc and sampling posteriors on the same adapters: one table with every method.
 METHODS["temperature"] = Method("lora", (Variant("temperature", "temperature scaling (MAP)", lambda a: [
     "--posterior", "temperature", "--fit_data_path", a.val_slice]),))  # fmt: skip
 METHODS["mc_dropout"] = Method("lora", (Variant("mc_dropout", "MC dropout (N={samples})", lambda a: [

@@ -1,4 +1,4 @@
-"""What a new user meets in the first minutes (issue 20): the adapter's recorded prompt template and choice format,
+"""What a new user meets in the first minutes: the adapter's recorded prompt template and choice format,
 fast failures on a mistyped model path, quiet logs, help with true defaults, suggestions for typos."""
 
 from __future__ import annotations

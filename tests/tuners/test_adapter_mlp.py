@@ -275,8 +275,9 @@ def test_checkpoint_key_layout(tuner):
 
 
 def _to_old_layout(state_dict: dict, prefix: str, saved_as: str) -> dict:
-    """Keys as peft_bayes wrote them before issue 10 (checked against checkpoints saved by that code): one module per
-    adapter, the name kept in the weights' keys and stripped by PEFT from the learned scale's."""
+    """Keys as earlier peft_bayes versions wrote them, before the per-tensor layout (checked against checkpoints saved
+    by that code): one module per adapter, the name kept in the weights' keys and stripped by PEFT from the learned
+    scale's."""
     old = {}
     for key, value in state_dict.items():
         key = re.sub(rf"\.{prefix}(down|up)\.weight$", rf".{prefix}adapter.{saved_as}.\1.weight", key)
