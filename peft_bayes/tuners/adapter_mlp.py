@@ -264,8 +264,8 @@ class AdapterMLPModel(BaseTuner):
         # PEFT's load hook (set_peft_model_state_dict). Checkpoints of earlier peft_bayes versions, before the
         # per-tensor layout, held one module per adapter: "<layer>.<prefix>adapter.<name>.down.weight" (and
         # .up.weight), the name it was saved under left in, and "<layer>.<prefix>adapter.scale" (learned scaling;
-        # PEFT had stripped the name there). They become today's "<layer>.<prefix>down.weight", ...; PEFT then inserts the loading
-        # adapter's name.
+        # PEFT had stripped the name there). They become today's "<layer>.<prefix>down.weight", ...; PEFT then
+        # inserts the loading adapter's name.
         legacy = re.compile(rf"\.{re.escape(cls.prefix)}adapter\.(?:[^.]+\.)?(down\.weight|up\.weight|scale)$")
         state_dict = {legacy.sub(lambda m: f".{cls.prefix}{m[1]}", k): v for k, v in state_dict.items()}
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
