@@ -48,9 +48,26 @@ import bench_laplace_fit as common  # noqa: E402  (load, batches, gradient_pass)
 SECTIONS = ("pass", "memory", "compare")
 
 
+def _tiny_size(text: str) -> tuple[int, int, int]:
+    try:
+        hidden, layers, heads = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HIDDENxLAYERSxHEADS, e.g. 2048x4x16") from None
+    if min(hidden, layers, heads) < 1 or hidden % heads:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive sizes, hidden a multiple of heads")
+    return hidden, layers, heads
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base_model", default="tiny", help="tiny (a random tiny LLaMA), smollm2-135m or a folder")
+    p.add_argument(
+        "--tiny_size",
+        type=_tiny_size,
+        default=(64, 2, 4),
+        metavar="HIDDENxLAYERSxHEADS",
+        help="--base_model tiny: its hidden size, layers and heads (GPU: e.g. 2048x4x16)",
+    )
     p.add_argument("--adapter", default=None, help="a trained adapter folder (default: a random LoRA)")
     p.add_argument("--data_path", default=None, help="multiple-choice JSON (default: synthetic questions)")
     p.add_argument("--prompt_template", default="alpaca_short", help="chat: the tokenizer's chat template")
@@ -223,7 +240,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     result: dict = {}
-    info = {"model": args.base_model, "n": 0, "rows": 0, "tokens": 0, "threads": torch.get_num_threads()}
+    model_name = args.base_model if args.base_model != "tiny" else "tiny LLaMA {}x{}x{}".format(*args.tiny_size)
+    info = {"model": model_name, "n": 0, "rows": 0, "tokens": 0, "threads": torch.get_num_threads()}
     if "pass" in args.sections or "compare" in args.sections:
         model, tok = common.load(args)
         model.to(device=args.device, dtype=getattr(torch, args.dtype))

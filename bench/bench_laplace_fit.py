@@ -52,7 +52,8 @@ def load(args):
         from peft_bayes.tiny import build_tiny_model, build_tokenizer
 
         tok = build_tokenizer()
-        model = build_tiny_model("llama", tok, hidden_size=64, num_layers=2, num_heads=4)
+        hidden, layers, heads = getattr(args, "tiny_size", (64, 2, 4))  # bench_kfac.py --tiny_size
+        model = build_tiny_model("llama", tok, hidden_size=hidden, num_layers=layers, num_heads=heads)
     else:
         from transformers import AutoModelForCausalLM
 

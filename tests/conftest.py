@@ -1,14 +1,15 @@
 import os
-import shutil
 from pathlib import Path
 
+import torch
+
 # The fused Triton kernels run on CPU only in triton's interpreter, which is chosen when triton is imported: set it
-# before anything imports triton. On a machine with an NVIDIA driver the kernels run compiled, on the GPU.
-if shutil.which("nvidia-smi") is None:
+# before anything imports triton (torch's import does not). With CUDA the kernels run compiled, on the GPU
+# (tests/kernels/conftest.py checks which one ran).
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "llm-adapters"
@@ -18,6 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_report_header(config):
+    """Says where the fused kernels run (compiled on which GPU, or the interpreter), first thing in the log."""
+    from peft_bayes.kernels.sampled_lora import triton_runtime
+
+    runtime = triton_runtime() or "not run (no triton runtime)"
+    gpu = f"; CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no CUDA"
+    return f"peft_bayes: Triton kernels {runtime}{gpu}; torch {torch.__version__}"
 
 
 @pytest.fixture(scope="session")

@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 "optimizer_steps": trainer.state.global_step,
                 "target_modules_resolved": _targets_of(peft_config),
                 "train_loss": result.training_loss,
+                "mixed_precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
                 **trainer.kl_summary(),
                 "n_train": len(train_data),
                 "n_val": len(val_data),

@@ -376,6 +376,23 @@ class _FusedSampledLora(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def triton_runtime() -> str | None:
+    """How this process runs the Triton kernels: ``"compiled"`` (CUDA present, triton imported normally),
+    ``"interpreter"`` (``TRITON_INTERPRET=1`` before triton's import: CPU tensors) or None (no triton, or no GPU
+    without the interpreter). With CUDA present and the interpreter on, the kernels would run interpreted on CPU
+    copies; that is reported as ``"interpreter"`` so a GPU check can refuse it."""
+    if triton is None:
+        return None
+    if _interpreting():
+        return "interpreter"
+    return "compiled" if torch.cuda.is_available() else None
+
+
+def kernel_device() -> torch.device:
+    """The device the fused kernels run on here: CUDA when compiled, else the CPU (interpreter)."""
+    return torch.device("cuda" if triton_runtime() == "compiled" else "cpu")
+
+
 def draw_seed() -> int:
     """A Philox seed for one fused forward, from torch's default CPU generator (no device sync; reproducible under
     ``torch.manual_seed``; replayed by gradient checkpointing, which restores the CPU RNG state)."""
@@ -464,7 +481,11 @@ def add_sampled_lora(
         return result + sampled_lora_delta(x, a, b, scaling, noise=noise, b_bias=b_bias, **kw).to(result.dtype)
     if seed is None:
         seed = draw_seed()
-    out = result if result.is_contiguous() else result.contiguous()
+    # In place into the base output, unless that is not allowed: a view under autograd (bitsandbytes' int8 matmul
+    # returns one made inside its autograd Function on CUDA, and autograd forbids updating that in place) or a
+    # non-contiguous tensor; those are copied once, as PEFT copies every base output.
+    viewed = result._is_view() and result.requires_grad and torch.is_grad_enabled()
+    out = result if result.is_contiguous() and not viewed else result.clone(memory_format=torch.contiguous_format)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if torch.is_autocast_enabled(x.device.type):  # mixed precision: the kernels run in the autocast dtype, as F.linear
         cast = torch.get_autocast_dtype(x.device.type)

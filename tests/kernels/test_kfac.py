@@ -23,12 +23,8 @@ import torch
 from peft_bayes.kernels import kfac
 from peft_bayes.kernels import sampled_lora as sl
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = sl.triton is not None and (sl._interpreting() or torch.cuda.is_available())
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON, reason="the Triton path needs triton on a GPU or triton's interpreter (TRITON_INTERPRET=1)"
-)
-PATHS = [pytest.param("triton", marks=needs_triton), "reference"]
+DEVICE = sl.kernel_device().type
+PATHS = [pytest.param("triton", marks=pytest.mark.triton), "reference"]  # triton: tests/kernels/conftest.py
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL_EXACT = 2e-5  # fp32 accumulation of exact products over <= 40 terms
 RTOL_WEIGHTED = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -142,7 +138,7 @@ def test_row_sums_shapes_and_masks(path, r, t, d):
     torch.testing.assert_close(kfac.masked_row_sums(x, imask).double(), want, rtol=1e-6, atol=1e-5)
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("d,tokens", [(17, 33), (40, 7), (150, 3)])
 @pytest.mark.parametrize("n_split", [1, 3])
 def test_tiles_and_splits(monkeypatch, d, tokens, n_split):
@@ -192,7 +188,7 @@ def test_float64(path):
     assert kfac.masked_row_sums(x, mask).dtype == torch.float64
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_into_float64_accumulator(monkeypatch):
     monkeypatch.setenv(sl.KERNEL_ENV, "triton")
     x, mask, rw = _inputs(3, 11, 17, torch.float32, masked=True, weighted=True)
@@ -222,7 +218,7 @@ def test_dispatch(monkeypatch):
             kfac.kfac_path(x)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_dispatch_triton(monkeypatch):
     x = torch.randn(2, 3, 4, device=DEVICE)
     monkeypatch.setenv(sl.KERNEL_ENV, "triton" if DEVICE == "cpu" else "auto")
