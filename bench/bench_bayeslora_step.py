@@ -83,7 +83,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from peft_bayes import BayesLoraConfig, kl_divergence
-from peft_bayes.cli.common import positive_ints
+from peft_bayes.arguments import positive_ints
 from peft_bayes.io import write_text_atomic
 from peft_bayes.kernels.sampled_lora import KERNEL_ENV, MAX_RANK, kernel_path
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, build_tokenizer

@@ -100,7 +100,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 from peft_bayes import BayesLoraConfig, sampling  # noqa: E402
-from peft_bayes.cli.common import positive_ints  # noqa: E402
+from peft_bayes.arguments import positive_ints  # noqa: E402
 from peft_bayes.io import write_text_atomic  # noqa: E402
 from peft_bayes.kernels import sampled_lora  # noqa: E402
 from peft_bayes.kernels.nf4_matmul import nf4_matmul  # noqa: E402

@@ -64,7 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_bayes.cli.common import comma_list
+from peft_bayes.arguments import comma_list
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_json_atomic, write_text_atomic
 

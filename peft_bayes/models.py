@@ -229,6 +229,16 @@ def parse_dtype(name: str) -> torch.dtype:
         raise InputError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}") from None
 
 
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter: where its inputs go."""
+    return next(p.device for p in model.parameters())
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0 where it has none (every use masks padding out, so any id serves)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

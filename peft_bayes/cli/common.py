@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from peft_bayes.arguments import comma_list, positive_ints, str2bool  # noqa: F401  (the scripts' flag types)
 from peft_bayes.errors import InputError, did_you_mean
 
 
@@ -93,35 +94,6 @@ def quiet_progress_bars_off_terminal() -> bool:
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     return True
-
-
-def str2bool(value: str | bool) -> bool:
-    """Argparse type for LLM-Adapters-style boolean flags (``--train_on_inputs False``)."""
-    if isinstance(value, bool):
-        return value
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise InputError(f"expected a boolean (true/false), got {value!r}")
-
-
-def comma_list(value: str) -> list[str]:
-    """``"q_proj,v_proj"`` or ``"[q_proj, v_proj]"`` (LLM-Adapters' fire syntax) → ``["q_proj", "v_proj"]``."""
-    value = value.strip().strip("[]")
-    return [v.strip().strip("'\"") for v in value.split(",") if v.strip().strip("'\"")]
-
-
-def positive_ints(text: str) -> list[int]:
-    """Argparse type for ``"8,16,64"``: positive integers separated by commas."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from peft_bayes.cli.common import (
     str2bool,
 )
 from peft_bayes.errors import InputError
+from peft_bayes.models import model_device
 
 QUIT_WORDS = ("exit", "quit", ":q")
 
@@ -94,7 +95,7 @@ class Responder:
 
         kw = {**self.gen_kwargs, **overrides}
         prompt = self.prompter.generate_prompt(instruction, input)
-        device = next(p.device for p in self.model.parameters())
+        device = model_device(self.model)
         enc = self.tokenizer(prompt, return_tensors="pt").to(device)
         if self.seed is not None:
             torch.manual_seed(self.seed)

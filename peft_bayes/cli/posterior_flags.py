@@ -16,6 +16,7 @@ from dataclasses import fields
 from peft_bayes.cli.common import comma_list, progress_printer, str2bool
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.datasets import load_eval_set
+from peft_bayes.models import pad_token_id
 
 POSTERIOR_CHOICES = (
     "auto", "map", "none", "bayeslora", "laplace", "swag", "multiswag", "mc_dropout", "ensemble", "tfb",
@@ -224,7 +225,7 @@ def lm_batches(path: str, limit, tokenizer, prompter, batch_size: int, cutoff_le
 
     records = load_records(path, split="train")[:limit]
     rows = [tokenize_record(r, tokenizer, prompter, cutoff_len, False) for r in records]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -24,6 +24,7 @@ from peft_bayes.cli.common import (
 )
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_json_atomic
+from peft_bayes.models import pad_token_id
 from peft_bayes.training import BAYES_OPTIMIZERS
 from peft_bayes.tuners.adapter_mlp import parse_scaling
 
@@ -563,7 +564,7 @@ def _make_trainer(args, model, tokenizer, train_data, val_data, accum, total, st
 
     model.config.use_cache = False
     if args.choice_format == "letter":
-        collator = LetterCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        collator = LetterCollator(pad_token_id(tokenizer))
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
     cycle = blob_cycle_length(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from peft_bayes.models import model_device
+
 
 def make_batches(lengths: list[int], batch_size: int, same_length: bool = False) -> list[list[int]]:
     """Indices grouped into batches, longest first; ``same_length`` never mixes lengths (no padding at all)."""
@@ -32,7 +34,7 @@ def generate_batched(
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     batches = make_batches(lengths, batch_size, same_length=not _pads_safely(model))
     outputs: list[str] = [""] * len(prompts)
-    device = next(p.device for p in model.parameters())
+    device = model_device(model)
     done = 0
     for idx in batches:
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)

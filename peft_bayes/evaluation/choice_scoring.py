@@ -50,6 +50,7 @@ from peft_bayes.evaluation.packed_scoring import (
     packing_is_exact,
     shared_length,
 )
+from peft_bayes.models import model_device, pad_token_id
 
 DEFAULT_PREFIX = "the correct answer is "
 SCORING_PATHS = ("shared", "cached", "full")
@@ -110,10 +111,6 @@ def option_sequences(tokenizer, prompt: str, options: Sequence[str], prefix: str
     return encode_pairs(tokenizer, label_pairs(prompt, options, prefix))
 
 
-def _device(model) -> torch.device:
-    return next(p.device for p in model.parameters())
-
-
 def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both (len(rows), max length) long, real tokens first."""
     length = max(len(r) for r in rows)
@@ -132,7 +129,7 @@ def sequence_log_likelihoods(model, seqs: Sequence[tuple[list[int], int]], pad_i
         (len(seqs),) float64.
     """
     input_ids, mask = _right_padded([ids for ids, _ in seqs], pad_id)
-    device = _device(model)
+    device = model_device(model)
     with torch.inference_mode():
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
     logits = logits[:, -input_ids.shape[1] :]  # (B, L, V); prompt tuning / p-tuning prepend virtual tokens
@@ -151,7 +148,7 @@ def _prefix_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: list[int
     Only positions ``first[e]..last[e]`` are needed (usually just the last shared one): with ``logits_to_keep`` the
     vocabulary projection runs on those alone, (E, K, V) instead of (E, P, V).
     """
-    device = _device(model)
+    device = model_device(model)
     kwargs = {}
     if accepts_argument(model, "logits_to_keep"):
         k = max(b - a + 1 for a, b in zip(first, last))
@@ -261,7 +258,7 @@ def _continue_from_cache(model, options: list[_Option], tails: list[int], cache,
 
 def _cached_forward(model, options, rows: list[int], feed, cache, prefix_mask, pad_id: int) -> torch.Tensor:
     """Logits (R, T, V) of ``feed`` (one right-padded row per option) continuing its example's cached prefix."""
-    device = _device(model)
+    device = model_device(model)
     ids, mask = _right_padded(feed, pad_id)
     examples = torch.tensor([options[r].example for r in rows])
     cache.reorder_cache(examples.to(device))  # one copy of its example's cache per option (index_select)
@@ -318,7 +315,7 @@ def score_pairs(
     if norm not in CHOICE_NORMS:
         raise InputError(f"--choice_norm must be one of {'/'.join(CHOICE_NORMS)}, got {norm!r}")
     seqs = encoded if encoded is not None else [encode_pairs(tokenizer, p) for p in pairs]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     path = _batch_path(model, scoring)
     row_length = packed_length if path == "packed" else (lambda s: max(len(ids) for ids, _ in s))
     scores: list[torch.Tensor] = [torch.empty(0)] * len(pairs)

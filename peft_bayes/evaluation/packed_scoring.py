@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peft_bayes.models import model_device
+
 Encoded = Sequence[tuple[list[int], int]]  # one example: (token ids, number of continuation tokens) per option
 
 # Attention implementations that add an arbitrary (B, 1, Q, K) mask to the scores; flash kernels take only 2D masks.
@@ -177,7 +179,7 @@ def _common_cache(model, ids: list[int], rows: int, device: torch.device):
 def _packed_logits(model, rows: Sequence[PackedRow], common: list[int], pad_id: int):
     """(logits, index): ``logits[e, index[e][column]]`` are row e's logits at ``column``, one forward pass."""
     batch = _padded(rows, pad_id)
-    device = next(p.device for p in model.parameters())
+    device = model_device(model)
     dtype = _base(model).get_input_embeddings().weight.dtype
     kwargs = {}
     keep, index = _kept_columns(rows)
@@ -226,7 +228,7 @@ def packed_log_likelihoods(
 
 def _unpacked_log_likelihood(model, ids: list[int], n_cont: int) -> float:
     """One option as its own unpadded sequence: the reference the probe compares with."""
-    device = next(p.device for p in model.parameters())
+    device = model_device(model)
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].double()
     logp = logits[-n_cont - 1 : -1].log_softmax(-1)

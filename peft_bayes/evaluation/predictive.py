@@ -15,6 +15,7 @@ import torch
 
 from peft_bayes.evaluation.batching import generate_batched, make_batches
 from peft_bayes.evaluation.choice_scoring import encode_pairs, label_pairs, normalisers, score_pairs
+from peft_bayes.models import pad_token_id
 from peft_bayes.posterior import ChoiceBatch, Posterior, default_posterior
 from peft_bayes.posterior.base import sample_seed
 from peft_bayes.posterior.likelihood import IGNORE
@@ -93,7 +94,7 @@ class PairScorer:
         )
 
     def batches(self, batch_size: int | None = None) -> Iterable[ChoiceBatch]:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(self.tokenizer)
         weights = [1.0 / normalisers(p, s, self.norm) for p, s in zip(self.pairs, self.encoded)]
         return choice_batches(self.encoded, weights, self.labels, batch_size or self.batch_size, pad_id)
 

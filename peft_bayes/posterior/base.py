@@ -17,6 +17,8 @@ same scores as differentiable batches (``batches``) for methods that need gradie
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +54,24 @@ class OptionScorer(Protocol):
 def sample_seed(seed: int, index: int) -> int:
     """Seed of posterior sample ``index`` under ``--seed seed`` (distinct for distinct pairs, index < 100003)."""
     return seed * 100003 + index
+
+
+def weights_fingerprint(tensors: Iterable[torch.Tensor], names: Iterable[str] | None = None) -> str:
+    """sha256 of the tensors' float32 bytes in order, each after its name when ``names`` are given: which trained
+    adapter weights a saved posterior belongs to (loading compares it with the weights of the model at hand)."""
+    digest = hashlib.sha256()
+    for tensor, name in zip(tensors, names if names is not None else itertools.repeat(None)):
+        if name is not None:
+            digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pass_tick(progress: Progress | None, index: int, n_passes: int):
+    """The ``tick(done, n)`` of pass ``index`` of ``n_passes``: reports ``progress`` over all passes (None without)."""
+    if progress is None:
+        return None
+    return lambda done, n: progress(index * n + done, n_passes * n)
 
 
 class Posterior:
@@ -107,23 +127,25 @@ class Posterior:
         n_passes = max(samples, 1)
         for index in range(n_passes):
             context = self.mean() if samples == 0 else self.sample(sample_seed(seed, index))
-            tick = (lambda done, n, index=index: progress(index * n + done, n_passes * n)) if progress else None
-            yield context, tick
+            yield context, pass_tick(progress, index, n_passes)
 
     def option_probs(
         self, scorer: OptionScorer, samples: int, seed: int, progress: Progress | None = None
     ) -> list[torch.Tensor]:
-        """Option probabilities averaged over ``samples`` weight samples (the mean's when 0).
+        """Option probabilities (not logits) averaged over the passes of ``passes(samples, seed)``: ``samples``
+        weight samples, the mean's when 0; an ensemble's or MultiSWAG's members through their own ``passes``.
 
         Returns:
             One (options,) float64 tensor per example, summing to 1.
         """
         total: list[torch.Tensor] | None = None
+        n_passes = 0
         for context, tick in self.passes(samples, seed, progress):
             with context:
-                probs = [s.softmax(-1) for s in scorer.scores(tick)]
+                probs = [s.to(torch.float64).softmax(-1) for s in scorer.scores(tick)]
             total = probs if total is None else [t + p for t, p in zip(total, probs)]
-        return [t / max(samples, 1) for t in total]
+            n_passes += 1
+        return [t / n_passes for t in total]
 
     # --- persistence -----------------------------------------------------------------------------------------
     def config(self) -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from peft_bayes.errors import InputError
 from peft_bayes.io import read_json
-from peft_bayes.posterior.base import OptionScorer, Posterior, Progress
+from peft_bayes.posterior.base import Posterior, Progress, pass_tick
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -168,21 +168,7 @@ class Ensemble(Posterior):
         members = self.passing(samples)
         n_passes = len(members)
         for index, member in enumerate(members):
-            tick = (lambda done, n, index=index: progress(index * n + done, n_passes * n)) if progress else None
-            yield active_member(self.model, member), tick
-
-    def option_probs(
-        self, scorer: OptionScorer, samples: int, seed: int, progress: Progress | None = None
-    ) -> list[torch.Tensor]:
-        """The members' option probabilities, averaged (probabilities, not logits)."""
-        total: list[torch.Tensor] | None = None
-        n = 0
-        for context, tick in self.passes(samples, seed, progress):
-            with context:
-                probs = [s.to(torch.float64).softmax(-1) for s in scorer.scores(tick)]
-            total = probs if total is None else [t + p for t, p in zip(total, probs)]
-            n += 1
-        return [t / n for t in total]
+            yield active_member(self.model, member), pass_tick(progress, index, n_passes)
 
     # --- persistence -------------------------------------------------------------------------------------------
     def config(self) -> dict:

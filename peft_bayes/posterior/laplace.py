@@ -14,7 +14,6 @@ Parameters that are not weight matrices (biases, DoRA's magnitudes, learned scal
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from peft_bayes.errors import InputError, did_you_mean
-from peft_bayes.posterior.base import OptionScorer, Posterior
+from peft_bayes.posterior.base import OptionScorer, Posterior, weights_fingerprint
 from peft_bayes.posterior.curvature import (
     SUBSETS,
     Recorder,
@@ -112,13 +111,9 @@ class LaplaceOptions:
             raise InputError("--prior_per_layer is tuned by --prior_method marglik (val searches one scalar)")
 
 
-def weights_fingerprint(sites: Sequence[Site]) -> str:
-    """sha256 of the site weights (float32 bytes, module order): which adapter weights a posterior belongs to."""
-    digest = hashlib.sha256()
-    for site in sites:
-        digest.update(site.name.encode())
-        digest.update(site.weight.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def sites_fingerprint(sites: Sequence[Site]) -> str:
+    """The fingerprint of the site weights, each after its module name, in module order."""
+    return weights_fingerprint([s.weight for s in sites], [s.name for s in sites])
 
 
 class Laplace(Posterior):
@@ -185,7 +180,7 @@ class Laplace(Posterior):
             raise InputError(f"the log-likelihood of the fit data is not finite ({loglik}): check the adapter")
         self.blocks = [b.eigendecompose() for b in acc.blocks()]
         self.captured_mass = acc.kron.captured_mass() if opts.structure == "kron" else [1.0] * len(self.sites)
-        self.n_data, self.loglik, self.fingerprint = int(seen), loglik, weights_fingerprint(self.sites)
+        self.n_data, self.loglik, self.fingerprint = int(seen), loglik, sites_fingerprint(self.sites)
         if opts.prior_method == "marglik":
             self.optimize_prior_precision()
 
@@ -371,7 +366,7 @@ class Laplace(Posterior):
         saved = [(n, tuple(s)) for n, s in config.get("sites", [])]
         if saved != [(s.name, s.shape) for s in self.sites]:
             raise InputError("the saved Laplace posterior covers other adapter weights (sites differ): refit it")
-        if config.get("fingerprint") != weights_fingerprint(self.sites):
+        if config.get("fingerprint") != sites_fingerprint(self.sites):
             raise InputError(
                 "the saved Laplace posterior was fitted on other adapter weights (fingerprint differs): refit it "
                 "with --fit_data_path"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peft_bayes.models import model_device
+
 IGNORE = -100
 
 
@@ -69,16 +71,12 @@ class LMBatch:
         return LMBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
-def _device(model) -> torch.device:
-    return next(p.device for p in model.parameters())
-
-
 def row_scores(model, batch: ChoiceBatch) -> torch.Tensor:
     """(R,) differentiable score of every row: ``row_weight * sum of the continuation's log-probabilities``.
 
     Log-softmax runs in at least float32 whatever the model dtype.
     """
-    batch = batch.to(_device(model))
+    batch = batch.to(model_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, -batch.input_ids.shape[1] :]  # prompt learning prepends virtual tokens
     # Only the continuation's positions are normalised: a (scored tokens, V) log-softmax, not (R, L, V).
@@ -111,7 +109,7 @@ def choice_nll(model, batch: ChoiceBatch) -> torch.Tensor:
 
 def lm_logits(model, batch: LMBatch) -> torch.Tensor:
     """(B, L, V) logits aligned with ``batch.input_ids`` (virtual tokens of prompt learning dropped)."""
-    batch = batch.to(_device(model))
+    batch = batch.to(model_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return logits[:, -batch.input_ids.shape[1] :]
 
@@ -133,7 +131,7 @@ def letter_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     go through the output head (``logits_to_keep``) where the model takes it; prompt learning prepends virtual tokens,
     whose logits are dropped. Differentiable; float32 or wider.
     """
-    device = _device(model)
+    device = model_device(model)
     input_ids, attention_mask, choice_ids = input_ids.to(device), attention_mask.to(device), choice_ids.to(device)
     last = attention_mask.sum(1) - 1  # (B,)
     config = getattr(model, "active_peft_config", None)

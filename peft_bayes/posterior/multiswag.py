@@ -14,10 +14,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
-import torch
-
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, posterior_folder, sample_seed
+from peft_bayes.posterior.base import Posterior, Progress, pass_tick, posterior_folder, sample_seed
 from peft_bayes.posterior.ensemble import check_members as check_adapter_members
 from peft_bayes.posterior.swag import Swag
 
@@ -108,20 +106,7 @@ class MultiSwag(Posterior):
         for index in range(n_passes):
             member = index % m
             context = self._member(member, None if samples == 0 else sample_seed(seed, index))
-            tick = (lambda done, n, index=index: progress(index * n + done, n_passes * n)) if progress else None
-            yield context, tick
-
-    def option_probs(
-        self, scorer: OptionScorer, samples: int, seed: int, progress: Progress | None = None
-    ) -> list[torch.Tensor]:
-        """Option probabilities averaged over every pass (every member equally)."""
-        total, n_passes = None, 0
-        for context, tick in self.passes(samples, seed, progress):
-            with context:
-                probs = [s.softmax(-1) for s in scorer.scores(tick)]
-            total = probs if total is None else [t + p for t, p in zip(total, probs)]
-            n_passes += 1
-        return [t / n_passes for t in total]
+            yield context, pass_tick(progress, index, n_passes)
 
     # --- persistence ------------------------------------------------------------------------------------------------
     def config(self) -> dict:

@@ -24,7 +24,6 @@ synchronised weights and collects the same moments; only rank 0 writes them (``S
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import shutil
@@ -38,7 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import Posterior, read_saved
+from peft_bayes.posterior.base import Posterior, read_saved, weights_fingerprint
 from peft_bayes.posterior.distributed import barrier, is_main_process
 
 ANNEAL_STRATEGIES = ("constant", "linear", "cosine")
@@ -146,14 +145,6 @@ def _lookup(model, names: Sequence[str], adapter_name: str) -> list[torch.nn.Par
 def flatten(params: Sequence[torch.Tensor], device: str | torch.device = "cpu") -> torch.Tensor:
     """(P,) float64 copy of the parameters, in order."""
     return torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64) for p in params])
-
-
-def fingerprint(params: Sequence[torch.Tensor]) -> str:
-    """sha256 of the parameters' float32 bytes: which trained weights a SWAG posterior belongs to."""
-    digest = hashlib.sha256()
-    for p in params:
-        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -286,7 +277,7 @@ class SwagCollector(TrainerCallback):
         swag = Swag(self.model, self.names, [tuple(p.shape) for p in self.params], self.adapter_name)
         swag.set_moments(self.mean, self.sq_mean, dev, self.n_models)
         swag.options, swag.sample_scale, swag.cov_mat = self.options, self.options.sample_scale, self.options.cov_mat
-        swag.collected_steps, swag.fingerprint = list(self.collected_steps), fingerprint(self.params)
+        swag.collected_steps, swag.fingerprint = list(self.collected_steps), weights_fingerprint(self.params)
         return swag
 
     def save(self, folder: str) -> str:
@@ -408,7 +399,7 @@ class Swag(Posterior):
         return swag
 
     def load_state_dict(self, state: dict[str, torch.Tensor], config: dict) -> None:
-        if config.get("fingerprint") != fingerprint(self.params):
+        if config.get("fingerprint") != weights_fingerprint(self.params):
             raise InputError(
                 f"the saved SWAG posterior was collected while training other weights than adapter "
                 f"{self.adapter_name!r} holds (fingerprint differs)"

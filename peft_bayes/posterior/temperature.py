@@ -8,7 +8,6 @@ one; the argmax, hence the accuracy, never changes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
@@ -16,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import OptionScorer, Posterior, Progress
+from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, weights_fingerprint
 
 # The fitted T is kept in [1/T_MAX, T_MAX]: the optimum runs off to 0 (every validation answer right, scores
 # separable) or to infinity (scores unrelated to the answers); there a bounded T is as good as the limit.
@@ -64,11 +63,8 @@ def adapter_fingerprint(model) -> str | None:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    keys = sorted(state)
+    return weights_fingerprint([state[k] for k in keys], keys)
 
 
 class TemperatureScaling(Posterior):

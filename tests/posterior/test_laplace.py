@@ -9,6 +9,7 @@ and ``mlp.c_proj``, B ≠ 0): its forward runs in float64 end to end (LLaMA's RM
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 
@@ -330,6 +331,10 @@ def test_save_load_and_sample_contexts(setup, tmp_path, structure):
 
     sites = laplace.sites
     mean = [s.weight.detach().clone() for s in sites]
+    digest = hashlib.sha256()  # the fingerprint written out: each site's name, then its weight's float32 bytes
+    for site in sites:
+        digest.update(site.name.encode() + site.weight.detach().float().numpy().tobytes())
+    assert laplace.fingerprint == loaded.fingerprint == digest.hexdigest()
     with laplace.sample(7):
         first = [s.weight.detach().clone() for s in sites]
     assert all(torch.equal(s.weight, m) for s, m in zip(sites, mean))  # restored exactly

@@ -4,11 +4,13 @@ and save → load restores the same predictions."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
 
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.predictive import PairScorer
@@ -118,6 +120,12 @@ def test_save_load_gives_identical_predictions(model, tiny_tokenizer, tmp_path):
 def test_load_refuses_other_adapter_weights(model, tiny_tokenizer, tmp_path):
     posterior = TemperatureScaling(model)
     posterior.fit(PairScorer(model, tiny_tokenizer, PAIRS, 2, labels=LABELS))
+    # the fingerprint written out: sha256 over PEFT's adapter state dict, sorted keys, each key then float32 bytes
+    state = get_peft_model_state_dict(model)
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode() + state[key].detach().float().numpy().tobytes())
+    assert posterior.fingerprint == digest.hexdigest()
     folder = posterior.save(str(tmp_path / "temperature"))
     weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
     with torch.no_grad():
