@@ -9,7 +9,6 @@ samples. Per-example records and a summary are written as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,13 +22,7 @@ from peft_bayes.cli.common import (
     quiet_progress_bars_off_terminal,
     str2bool,
 )
-from peft_bayes.cli.posterior_flags import (
-    MEMBER_POSTERIORS,
-    STOCHASTIC_POSTERIORS,
-    add_posterior_flags,
-    check_posterior_flags,
-    resolve_posterior,
-)
+from peft_bayes.cli.posterior_flags import add_posterior_flags, check_posterior_flags, resolve_posterior
 from peft_bayes.data.choices import CHOICE_FORMATS
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation import calibration, predictive, votes
@@ -41,6 +34,7 @@ from peft_bayes.evaluation.choice_scoring import (
 )
 from peft_bayes.evaluation.datasets import EvalSet, load_eval_set
 from peft_bayes.io import peak_memory, write_json_atomic
+from peft_bayes.posterior import posterior_class
 
 __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_batches", "resolve_dataset"]
 
@@ -181,7 +175,8 @@ def load_eval_model(args):
     model = load_base_model(
         base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code
     )
-    if args.adapter and getattr(args, "posterior", None) not in MEMBER_POSTERIORS:  # members: the posterior loads them
+    members = posterior_class(getattr(args, "posterior", "map")).member_adapters
+    if args.adapter and not members:  # an ensemble-like posterior loads its member adapters itself
         if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             raise InputError(f"--adapter {args.adapter!r}: no adapter_config.json there")
         try:
@@ -204,20 +199,8 @@ def check_args(args) -> None:
         raise InputError(f"--limit must be a positive number of examples, got {args.limit}")
     if args.samples is not None and args.samples < 0:
         raise InputError(f"--samples must be 0 (deterministic) or a positive number of samples, got {args.samples}")
-    if args.posterior == "none":  # train.py's spelling: the adapter's weights as they are
-        args.posterior = "map"
+    args.posterior = posterior_class(args.posterior).name  # an alias (train.py's none) becomes the table's name
     check_posterior_flags(args)
-
-
-def _saved_peft_type(adapter: str | None) -> str | None:
-    path = os.path.join(adapter, "adapter_config.json") if adapter else None
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return str(json.load(f).get("peft_type", "")).upper()
-    except (OSError, ValueError, AttributeError):
-        return None  # load_eval_model reports it
 
 
 def _progress(args, name: str):
@@ -284,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--ood_dataset needs multiple-choice test sets (option scoring); {data.name} is a "
                 f"{data.task.kind!r} task and {ood.name} a {ood.task.kind!r} task"
             )
-    stochastic = args.posterior in STOCHASTIC_POSTERIORS or (
-        args.posterior in ("auto", "bayeslora") and _saved_peft_type(args.adapter) == "BAYESLORA"
-    )
-    if args.samples and not stochastic:  # fail before loading the model
+    if args.samples and not posterior_class(args.posterior).may_sample(args):  # fail before loading the model
         predictive.resolve_samples(args.samples, None)
     model, tokenizer = load_eval_model(args)
     args.posterior_object = resolve_posterior(args, model, tokenizer, prompter, data.task.kind == "choice")
@@ -353,29 +333,13 @@ def _summary(args, data: EvalSet, rows: list[dict], wall: float, samples: int, m
         "accuracy_unit": "fraction",
         "samples": samples,
         "seed": args.seed,
-        **_posterior_summary(args.posterior_object),
+        **args.posterior_object.summary(),
         **metrics,
         "wall_time_s": round(wall, 3),
         "examples_per_s": round(n_examples / wall, 3),
         "batch_size": args.batch_size,
         **peak_memory(),
     }
-
-
-def _posterior_summary(posterior) -> dict:
-    out = {"posterior": posterior.name}
-    if posterior.name == "laplace":
-        out["laplace"] = {**posterior.config()["options"], "n_fit": posterior.n_data}
-        out["laplace"]["prior_precision"] = posterior.prior_precision.tolist()
-        if hasattr(posterior, "fit_seconds"):
-            out["laplace"]["fit_seconds"] = round(posterior.fit_seconds, 3)
-    elif hasattr(posterior, "eval_draw"):
-        out["bayes_eval_draw"] = posterior.eval_draw
-    elif posterior.name not in ("map", "bayeslora"):  # the posterior's own settings (temperature, members, rate)
-        out[posterior.name] = posterior.config()
-    if posterior.name == "mc_dropout":  # the rates in use (the adapter's own where no --mc_dropout_rate)
-        out["mc_dropout"]["rates"] = sorted(set(posterior.rates.values()))
-    return out
 
 
 def print_summary(s: dict) -> None:

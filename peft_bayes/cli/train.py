@@ -238,9 +238,6 @@ def check_args(args: argparse.Namespace, world: int) -> int:
     from peft_bayes.cli.posterior_flags import check_posterior_flags
 
     check_posterior_flags(args)
-    if args.posterior == "swag" and args.resume_from_checkpoint:
-        raise InputError("--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not saved "
-                         "in checkpoints; train again from the start")  # fmt: skip
     if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
         raise InputError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.adapter_name.lower() == "bayeslora" and args.bayes_optimizer == "blob":
@@ -480,12 +477,13 @@ def main(argv: list[str] | None = None) -> int:
             from peft_bayes.training import warn_short_run
 
             warn_short_run(total, trainer.kl_optimizer.cycle)
-    collector = None
-    if args.posterior == "swag":  # SWAG moments of the trainable adapter tensors, collected by a callback
-        from peft_bayes.cli.posterior_flags import swag_options
-        from peft_bayes.posterior.swag import SwagCollector
+    from peft_bayes.cli.posterior_flags import workflow
+    from peft_bayes.data.loading import is_choice_data
+    from peft_bayes.posterior import posterior_class
 
-        collector = SwagCollector(model, swag_options(args), steps_per_epoch=per_epoch)
+    posterior = posterior_class(args.posterior)
+    collector = posterior.collector(args, model, per_epoch)  # e.g. SWAG's moments, collected by a callback
+    if collector is not None:
         trainer.add_callback(collector)
     full_resume = (
         args.resume_from_checkpoint
@@ -514,41 +512,13 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
-    if args.posterior == "laplace":  # every rank: each fits its share of the data, rank 0 saves
-        _fit_posterior(args, model, tokenizer, prompter)
-    if collector is not None:
-        _save_swag(args, collector)
+    # every rank (a Laplace fit: each fits its share of the data, rank 0 saves)
+    work = workflow(args, model, tokenizer, prompter, is_choice_data(args.data_path))
+    posterior.after_training(work, collector)
     from peft_bayes.posterior.distributed import close_process_group
 
     close_process_group()
     return 0
-
-
-def _fit_posterior(args, model, tokenizer, prompter) -> None:
-    """``--posterior laplace``: fits it on the training data (``--fit_limit``) and saves it next to the adapter."""
-    from peft_bayes.cli.posterior_flags import fit_laplace, is_choice_data
-    from peft_bayes.posterior.base import posterior_folder
-
-    folder = posterior_folder(args.output_dir, "laplace")
-    choice = is_choice_data(args.data_path)
-    fit_laplace(model, tokenizer, prompter, args, args.data_path, folder, choice)
-
-
-def _save_swag(args, collector) -> None:
-    """``--posterior swag``: the collected posterior next to the adapter (rank 0), and the SWA mean as a plain
-    adapter with ``--swag_export_swa``."""
-    from peft_bayes.posterior.base import posterior_folder
-    from peft_bayes.posterior.distributed import is_main_process
-
-    folder = collector.save(posterior_folder(args.output_dir, "swag"))
-    if is_main_process():
-        steps = collector.collected_steps
-        print(f"SWAG: {collector.n_models} models collected after optimizer steps {steps}; saved to {folder}")
-        if args.swag_export_swa:
-            swa = collector.posterior().export_swa(os.path.join(args.output_dir, "swa"))
-            # the SWA adapter is this run's adapter too: evaluate.py / generate.py read its prompt template there
-            shutil.copy2(os.path.join(args.output_dir, TRAIN_ARGS), os.path.join(swa, TRAIN_ARGS))
-            print(f"SWA mean saved as a plain adapter to {swa}")
 
 
 def _targets_of(peft_config) -> list[str] | None:

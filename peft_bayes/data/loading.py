@@ -212,3 +212,14 @@ def tokenize_letter_record(record: dict, tokenizer, prompter, cutoff_len: int, w
         choice_ids.append(cont[0])
     ids = ids[-cutoff_len:]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "choice_ids": choice_ids, "choice_label": gold}
+
+
+def is_choice_data(path: str) -> bool:
+    """Whether the records of ``path`` are multiple choice (they have gold ``answer`` labels among options)."""
+    from peft_bayes.data.answers import infer_task
+
+    try:
+        records = load_records(path, required=("instruction", "answer"), split="train")
+    except InputError:
+        return False  # no gold answers: generation data
+    return infer_task(records, os.path.splitext(os.path.basename(path))[0]).kind == "choice"

@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -74,20 +75,100 @@ def pass_tick(progress: Progress | None, index: int, n_passes: int):
     return lambda done, n: progress(index * n + done, n_passes * n)
 
 
+@dataclass
+class Workflow:
+    """What train.py and evaluate.py hand a posterior class to fit, load or save itself (``from_args``,
+    ``after_training``): the parsed flags, the model, its tokenizer and prompt template, and the data builders of
+    the evaluation layer, which posterior/ does not import.
+
+    ``batches(path, limit, likelihood, batch_size)`` gives the differentiable fit batches of a data file (``choice``:
+    its options scored as evaluation scores them; ``lm``: its response tokens); ``scorer(path, limit)`` an option
+    scorer of a multiple-choice file; ``progress(label)`` a progress callback (None when quiet).
+    """
+
+    args: Any
+    model: Any
+    tokenizer: Any = None
+    prompter: Any = None
+    choice_data: bool = True
+    batches: Callable[..., list] | None = None
+    scorer: Callable[..., Any] | None = None
+    progress: Callable[[str], Progress | None] = lambda label: None
+    quiet: bool = False
+
+
 class Posterior:
     """Base class: a posterior over the active adapter's weights of ``model`` (a ``PeftModel``).
 
     Subclasses set ``name`` (the ``--posterior`` name) and override ``sample`` (and ``mean`` where the mean is
     not the model as it is), and where they need data ``fit``; ``config`` / ``state_dict`` / ``load_state_dict``
     where they have state to save.
+
+    Each class also describes itself to the scripts, which hold no list of posteriors (``POSTERIORS`` in
+    ``peft_bayes.posterior`` is the table): its other names (``aliases``), the posterior flags it accepts
+    (``accepts``: a flag given with a posterior that does not accept it is a one-line error) and the ones it adds to
+    the parsers (``add_flags``), whether ``--adapter`` and ``--members`` are its member adapters
+    (``member_adapters``), whether train.py makes it (``train_time``: ``collector`` during training,
+    ``after_training`` after it), its own flag checks (``check_args``), how evaluate.py gets it from the flags
+    (``from_args``: fitted, or loaded from next to the adapter) and what it adds to the evaluation summary
+    (``summary``).
     """
 
     name: ClassVar[str] = ""
     default_samples: ClassVar[int] = 10  # --samples auto
     stochastic: ClassVar[bool] = True  # False: one deterministic pass only (samples must be 0)
+    aliases: ClassVar[tuple[str, ...]] = ()
+    accepts: ClassVar[tuple[str, ...]] = ()
+    member_adapters: ClassVar[bool] = False
+    train_time: ClassVar[bool] = False
 
     def __init__(self, model) -> None:
         self.model = model
+
+    # --- the scripts' view: flags, construction, summary ---------------------------------------------------
+    @classmethod
+    def add_flags(cls, parser, training: bool) -> None:
+        """Adds the flags this posterior owns to train.py's (``training``) or evaluate.py's parser; defaults None,
+        so that a flag that was not given is distinguishable."""
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        """One-line errors for values of its flags (after the scripts checked that every given flag applies)."""
+
+    @classmethod
+    def may_sample(cls, args) -> bool:
+        """Whether ``--samples N > 0`` can apply, decided before the model loads."""
+        return cls.stochastic
+
+    @classmethod
+    def from_args(cls, work: Workflow) -> Posterior:
+        """The posterior evaluate.py evaluates with, on ``work.model``: fitted on ``--fit_data_path`` where it
+        fits one, else loaded from next to the adapter, or made from the model as it is."""
+        return cls(work.model)
+
+    @classmethod
+    def collector(cls, args, model, steps_per_epoch: int):
+        """train.py: a ``TrainerCallback`` that collects this posterior during training, or None."""
+        return None
+
+    @classmethod
+    def after_training(cls, work: Workflow, collector) -> None:
+        """train.py, after the adapter is saved (every rank): fit or save this posterior next to it."""
+
+    def summary(self) -> dict:
+        """What the evaluation summary records about this posterior: its name and settings."""
+        return {"posterior": self.name, self.name: self.config()}
+
+    @classmethod
+    def load_saved(cls, model, folder: str) -> Posterior:
+        """This posterior saved in ``folder`` (``save``), for ``model``; it checks the folder holds one of this kind
+        and (``load_state_dict``) that it was fitted on these weights."""
+        config, state = read_saved(folder)
+        if config.get("posterior") != cls.name:
+            raise InputError(f"{folder}: holds a {config.get('posterior')!r} posterior, not {cls.name!r}")
+        posterior = cls.from_config(model, config) if hasattr(cls, "from_config") else cls(model)
+        posterior.load_state_dict(state, config)
+        return posterior
 
     # --- fitting -------------------------------------------------------------------------------------------
     @property
@@ -181,6 +262,18 @@ class Posterior:
 def posterior_folder(adapter_dir: str, name: str) -> str:
     """Where the posterior ``name`` of the adapter in ``adapter_dir`` is saved: ``<adapter>/posterior/<name>``."""
     return os.path.join(adapter_dir, POSTERIOR_DIR, name)
+
+
+def member_folders(args) -> list[str]:
+    """The member adapters of an ensemble-like posterior: ``--adapter`` and then ``--members``."""
+    return ([args.adapter] if getattr(args, "adapter", None) else []) + list(getattr(args, "members", None) or [])
+
+
+def require_adapter(args, name: str) -> str:
+    """``--adapter`` of a posterior over its weights; a one-line error without one."""
+    if not getattr(args, "adapter", None):
+        raise InputError(f"--posterior {name} needs --adapter (the posterior is over the adapter's weights)")
+    return args.adapter
 
 
 def read_saved(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -13,6 +13,8 @@ The mean pass (N = 0) switches the noise off either way.
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
@@ -37,6 +39,14 @@ class BayesLoraPosterior(Posterior):
         super().__init__(model)
         self.eval_draw = draw
 
+    @classmethod
+    def may_sample(cls, args) -> bool:
+        """Only with a saved BayesLoRA adapter (checked before the model loads)."""
+        return saved_peft_type(getattr(args, "adapter", None)) == "BAYESLORA"
+
+    def summary(self) -> dict:
+        return {"posterior": self.name, "bayes_eval_draw": self.eval_draw}
+
     def mean(self) -> AbstractContextManager:
         return sampling(self.model, False)
 
@@ -44,3 +54,33 @@ class BayesLoraPosterior(Posterior):
         if self.eval_draw == "forward":
             return fresh_draws(self.model, seed)
         return posterior_sample(self.model, seed=seed)
+
+
+def saved_peft_type(adapter: str | None) -> str | None:
+    """The ``peft_type`` an adapter folder's ``adapter_config.json`` records (upper case), or None."""
+    path = os.path.join(adapter, "adapter_config.json") if adapter else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return str(json.load(f).get("peft_type", "")).upper()
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the adapter reports it
+
+
+class AdapterDefault(Posterior):
+    """``--posterior auto``: the posterior the adapter carries itself (BayesLoRA's, else the point estimate)."""
+
+    name: ClassVar[str] = "auto"
+
+    @classmethod
+    def may_sample(cls, args) -> bool:
+        return BayesLoraPosterior.may_sample(args)
+
+    @classmethod
+    def from_args(cls, work) -> Posterior:
+        from peft_bayes.posterior.point import PointEstimate
+
+        if work.model is not None and is_bayesian(work.model):
+            return BayesLoraPosterior(work.model)
+        return PointEstimate(work.model)

@@ -20,7 +20,7 @@ import torch
 
 from peft_bayes.errors import InputError
 from peft_bayes.io import read_json
-from peft_bayes.posterior.base import Posterior, Progress, pass_tick
+from peft_bayes.posterior.base import Posterior, Progress, member_folders, pass_tick
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -90,6 +90,8 @@ class Ensemble(Posterior):
 
     name: ClassVar[str] = "ensemble"
     default_samples: ClassVar[int] = 0  # per instance: the number of members
+    accepts: ClassVar[tuple[str, ...]] = ("members",)
+    member_adapters: ClassVar[bool] = True
 
     def __init__(self, model, members: Sequence[str], folders: Sequence[str] | None = None) -> None:
         super().__init__(model)
@@ -105,6 +107,11 @@ class Ensemble(Posterior):
         self.members = members
         self.folders = None if folders is None else [os.path.abspath(f) for f in folders]
         self.default_samples = len(members)
+
+    @classmethod
+    def from_args(cls, work) -> Ensemble:
+        """evaluate.py loaded the base model without --adapter: every member joins it by name."""
+        return cls.from_folders(work.model, member_folders(work.args))
 
     @classmethod
     def from_folders(cls, model, folders: Sequence[str], prefix: str = "member") -> Ensemble:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -116,10 +117,29 @@ def sites_fingerprint(sites: Sequence[Site]) -> str:
     return weights_fingerprint([s.weight for s in sites], [s.name for s in sites])
 
 
+# flag -> LaplaceOptions field: the fit settings, then the ones a saved posterior also takes
+FIT_FLAGS = {
+    "laplace_subset": "subset",
+    "laplace_structure": "structure",
+    "laplace_likelihood": "likelihood",
+    "laplace_fisher": "fisher",
+    "laplace_fisher_samples": "fisher_samples",
+    "laplace_kfac": "kfac",
+    "prior_method": "prior_method",
+    "prior_precision": "prior_precision",
+    "prior_per_layer": "prior_per_layer",
+    "kfac_rank": "kfac_rank",
+    "kfac_threshold": "kfac_threshold",
+}
+EVAL_FLAGS = {"laplace_predictive": "predictive", "link": "link", "laplace_batch_size": "grad_batch_size"}
+
+
 class Laplace(Posterior):
     """Laplace posterior over the adapter weight matrices of a ``PeftModel`` (see the module docstring)."""
 
     name: ClassVar[str] = "laplace"
+    accepts: ClassVar[tuple[str, ...]] = (*FIT_FLAGS, *EVAL_FLAGS, "val_data_path", "fit_data_path", "fit_limit")
+    train_time: ClassVar[bool] = True  # train.py --posterior laplace: fitted on the training data after training
 
     def __init__(self, model, options: LaplaceOptions | None = None, **kwargs) -> None:
         super().__init__(model)
@@ -333,6 +353,119 @@ class Laplace(Posterior):
         if self.options.structure == "full":
             draws = list(draws[0].split([s.weight.numel() for s in self.sites]))
         return [d.reshape(s.shape) for d, s in zip(draws, self.sites)]
+
+    # --- the scripts: flags, fit after training or on --fit_data_path, a saved one ---------------------------
+    @classmethod
+    def add_flags(cls, parser, training: bool) -> None:
+        from peft_bayes.arguments import str2bool
+
+        g = parser.add_argument_group("Laplace (train.py and evaluate.py --posterior laplace)")
+        g.add_argument("--val_data_path", default=None, help="validation data of --prior_method val")
+        g.add_argument("--laplace_subset", default=None, choices=SUBSETS, help="all adapters, or the last adapted "
+                       "module's")  # fmt: skip
+        g.add_argument("--laplace_structure", default=None, choices=STRUCTURES, help="curvature structure "
+                       "(default kron)")  # fmt: skip
+        g.add_argument("--laplace_likelihood", default=None, choices=LIKELIHOODS, help="choice (options) or lm "
+                       "(response tokens); default: choice for multiple-choice data, else lm")  # fmt: skip
+        g.add_argument("--laplace_fisher", default=None, choices=FISHERS, help="default mc")
+        g.add_argument("--laplace_fisher_samples", type=int, default=None, help="label samples of the mc Fisher (1)")
+        g.add_argument("--laplace_kfac", default=None, choices=KFAC_MODES, help="K-FAC over tokens (default expand)")
+        g.add_argument("--kfac_rank", type=int, default=None, help="K-FAC factors wider than --kfac_threshold kept "
+                       "as their top-k eigenpairs + one scalar (streamed; default: dense)")  # fmt: skip
+        g.add_argument("--kfac_threshold", type=int, default=None, help="width above which --kfac_rank applies "
+                       "(2048)")  # fmt: skip
+        g.add_argument("--prior_method", default=None, choices=PRIOR_METHODS, help="prior precision tuning "
+                       "(marglik)")  # fmt: skip
+        g.add_argument("--prior_precision", type=float, default=None, help="fixed / initial prior precision (1.0)")
+        g.add_argument("--prior_per_layer", type=str2bool, nargs="?", const=True, default=None, help="one per "
+                       "weight")  # fmt: skip
+        g.add_argument("--laplace_predictive", default=None, choices=PREDICTIVES, help="glm (default) or nn samples")
+        g.add_argument("--link", default=None, choices=LINKS, help="GLM link: probit (default, closed form) or mc")
+        g.add_argument("--laplace_batch_size", type=int, default=None, help="examples per differentiable batch of "
+                       "the fit and the GLM predictive (4; each keeps a forward pass's graph, like a training "
+                       "micro-batch)")  # fmt: skip
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        fit_path = getattr(args, "fit_data_path", None)
+        if fit_path is None and hasattr(args, "fit_data_path"):  # evaluate.py reusing a saved posterior
+            fit_only = [f for f in (*FIT_FLAGS, "val_data_path", "fit_limit") if getattr(args, f, None) is not None]
+            if fit_only:
+                raise InputError(f"--{fit_only[0]} is a fit setting: give --fit_data_path to fit the posterior again")
+        if args.prior_method == "val" and not args.val_data_path:
+            raise InputError("--prior_method val needs --val_data_path (validation examples with gold answers)")
+
+    @staticmethod
+    def options_from_args(args, choice_data: bool) -> LaplaceOptions:
+        """LaplaceOptions from the flags (the dataclass defaults where a flag was not given)."""
+        values = {name: getattr(args, flag) for flag, name in {**FIT_FLAGS, **EVAL_FLAGS}.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        values.setdefault("likelihood", "choice" if choice_data else "lm")
+        values["seed"] = getattr(args, "seed", 0)
+        return LaplaceOptions(**values)
+
+    @classmethod
+    def fit_and_save(cls, work, fit_path: str, folder: str) -> Laplace:
+        """Fits on ``fit_path`` (progress lines unless quiet), tunes the prior, saves to ``folder`` (rank 0)."""
+        import time
+
+        from peft_bayes.posterior.distributed import barrier, is_main_process
+
+        args = work.args
+        options = cls.options_from_args(args, work.choice_data)
+        quiet = work.quiet or not is_main_process()
+        posterior = cls(work.model, options)
+        size = options.grad_batch_size  # a training-sized batch: the fit keeps the whole graph of a forward pass
+        batches = work.batches(fit_path, args.fit_limit, options.likelihood, size)
+        t0 = time.perf_counter()
+        posterior.fit(batches, None if quiet else work.progress(f"Laplace fit ({options.structure}, "
+                                                                f"{options.likelihood}), examples"))  # fmt: skip
+        if options.prior_method == "val":
+            posterior.tune_prior_on_validation(work.batches(args.val_data_path, None, options.likelihood, size))
+        posterior.fit_seconds = time.perf_counter() - t0
+        if is_main_process():  # under torchrun every rank holds the same posterior; rank 0 writes it
+            posterior.save(folder)
+        barrier()
+        if not quiet:
+            prior = ", ".join(f"{v:.4g}" for v in posterior.prior_precision.tolist()[:4])
+            if options.kfac_rank is not None:
+                mass = min(posterior.captured_mass)
+                print(f"low-rank K-FAC factors (rank {options.kfac_rank}): captured eigenvalue mass >= {mass:.4f}")
+            print(
+                f"Laplace posterior fitted on {posterior.n_data} examples in {posterior.fit_seconds:.1f} s "
+                f"(prior precision {prior}{', ...' if posterior.n_priors > 4 else ''}, log marginal likelihood "
+                f"{float(posterior.log_marginal_likelihood()):.4g}); saved to {folder}"
+            )
+        return posterior
+
+    @classmethod
+    def from_args(cls, work) -> Laplace:
+        from peft_bayes.posterior.base import posterior_folder, require_adapter
+
+        args = work.args
+        folder = posterior_folder(require_adapter(args, cls.name), cls.name)
+        if args.fit_data_path:
+            return cls.fit_and_save(work, args.fit_data_path, folder)
+        if not os.path.isdir(folder):
+            raise InputError(f"no saved Laplace posterior in {folder}: give --fit_data_path to fit one")
+        posterior = cls.load_saved(work.model, folder)
+        for flag, name in EVAL_FLAGS.items():
+            if getattr(args, flag) is not None:
+                setattr(posterior.options, name, getattr(args, flag))
+        return posterior
+
+    @classmethod
+    def after_training(cls, work, collector) -> None:
+        """train.py --posterior laplace: fitted on the training data (``--fit_limit``), saved next to the adapter."""
+        from peft_bayes.posterior.base import posterior_folder
+
+        cls.fit_and_save(work, work.args.data_path, posterior_folder(work.args.output_dir, cls.name))
+
+    def summary(self) -> dict:
+        out = {**self.config()["options"], "n_fit": self.n_data, "prior_precision": self.prior_precision.tolist()}
+        if hasattr(self, "fit_seconds"):
+            out["fit_seconds"] = round(self.fit_seconds, 3)
+        return {"posterior": self.name, "laplace": out}
 
     # --- persistence --------------------------------------------------------------------------------------------
     def config(self) -> dict:

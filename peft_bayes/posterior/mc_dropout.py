@@ -131,6 +131,7 @@ class MCDropout(Posterior):
 
     name: ClassVar[str] = "mc_dropout"
     default_samples: ClassVar[int] = 10
+    accepts: ClassVar[tuple[str, ...]] = ("mc_dropout_rate",)
 
     def __init__(self, model, rate: float | None = None) -> None:
         super().__init__(model)
@@ -166,6 +167,27 @@ class MCDropout(Posterior):
 
     def config(self) -> dict:
         return {"rate": self.rate}
+
+    # --- the scripts ---------------------------------------------------------------------------------------------
+    @classmethod
+    def add_flags(cls, parser, training: bool) -> None:
+        if not training:
+            parser.add_argument("--mc_dropout_rate", type=float, default=None, help="mc_dropout: the dropout rate "
+                                "(default: the adapter's own)")  # fmt: skip
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        rate = getattr(args, "mc_dropout_rate", None)
+        if rate is not None and not 0 <= rate < 1:
+            raise InputError(f"--mc_dropout_rate must be in [0, 1), got {rate}")
+
+    @classmethod
+    def from_args(cls, work) -> MCDropout:
+        return cls(work.model, rate=work.args.mc_dropout_rate)
+
+    def summary(self) -> dict:
+        """Its settings and the rates in use (the adapter's own where no --mc_dropout_rate)."""
+        return {"posterior": self.name, self.name: {**self.config(), "rates": sorted(set(self.rates.values()))}}
 
     @classmethod
     def from_config(cls, model, config: dict) -> MCDropout:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import Posterior, Progress, pass_tick, posterior_folder, sample_seed
+from peft_bayes.posterior.base import Posterior, Progress, member_folders, pass_tick, posterior_folder, sample_seed
 from peft_bayes.posterior.ensemble import check_members as check_adapter_members
 from peft_bayes.posterior.swag import Swag
 
@@ -35,6 +35,8 @@ class MultiSwag(Posterior):
     """
 
     name: ClassVar[str] = "multiswag"
+    accepts: ClassVar[tuple[str, ...]] = ("members", "swag_sample_scale")
+    member_adapters: ClassVar[bool] = True
 
     def __init__(self, model, members: Sequence[str]) -> None:
         super().__init__(model)
@@ -48,6 +50,13 @@ class MultiSwag(Posterior):
             Swag.load(model, posterior_folder(folder, Swag.name), name)
             for folder, name in zip(self.members, self.adapter_names)
         ]
+
+    @classmethod
+    def from_args(cls, work) -> MultiSwag:
+        posterior = cls.from_folders(work.model, member_folders(work.args))
+        if work.args.swag_sample_scale is not None:
+            posterior.sample_scale = work.args.swag_sample_scale
+        return posterior
 
     @classmethod
     def from_folders(cls, base_model, members: Sequence[str]) -> MultiSwag:

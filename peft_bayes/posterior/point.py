@@ -15,6 +15,11 @@ class PointEstimate(Posterior):
     name: ClassVar[str] = "map"
     default_samples: ClassVar[int] = 0
     stochastic: ClassVar[bool] = False
+    aliases: ClassVar[tuple[str, ...]] = ("none",)  # train.py's spelling: no posterior, the weights as they are
+    train_time: ClassVar[bool] = True  # train.py --posterior none: nothing to collect or fit
+
+    def summary(self) -> dict:
+        return {"posterior": self.name}
 
     def sample(self, seed: int) -> AbstractContextManager:
         return contextlib.nullcontext(self.model)

@@ -289,6 +289,27 @@ class SwagCollector(TrainerCallback):
 
 
 # --- the posterior ---------------------------------------------------------------------------------------------------
+# train.py's SWAG collection flags -> SwagOptions fields (--swag_start is parsed by parse_swag_start)
+SWAG_TRAIN_FLAGS = {
+    "swag_learning_rate": "learning_rate",
+    "swag_anneal_epochs": "anneal_epochs",
+    "swag_anneal_strategy": "anneal_strategy",
+    "swag_collect_every": "collect_every",
+    "swag_max_num_models": "max_num_models",
+    "swag_cov_mat": "cov_mat",
+}
+
+
+def swag_options(args) -> SwagOptions:
+    """SwagOptions from train.py's flags (the dataclass defaults where a flag was not given)."""
+    values = {name: getattr(args, flag) for flag, name in SWAG_TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.swag_start is not None:
+        values.update(parse_swag_start(args.swag_start))
+    if args.swag_sample_scale is not None:
+        values["sample_scale"] = args.swag_sample_scale
+    return SwagOptions(**values)
+
+
 class Swag(Posterior):
     """SWAG posterior over the trainable tensors of one adapter of a ``PeftModel`` (see the module docstring).
 
@@ -298,6 +319,8 @@ class Swag(Posterior):
     """
 
     name: ClassVar[str] = "swag"
+    accepts: ClassVar[tuple[str, ...]] = ("swag_start", *SWAG_TRAIN_FLAGS, "swag_export_swa", "swag_sample_scale")
+    train_time: ClassVar[bool] = True  # train.py --posterior swag: moments collected by a callback
 
     def __init__(self, model, names: Sequence[str], shapes: Sequence[Sequence[int]], adapter_name: str = "default"):
         super().__init__(model)
@@ -410,6 +433,76 @@ class Swag(Posterior):
             raise InputError(f"saved SWAG posterior: missing {err}") from None
         self.sample_scale, self.cov_mat = float(config["sample_scale"]), bool(config["cov_mat"])
         self.collected_steps, self.fingerprint = list(config.get("collected_steps", [])), config["fingerprint"]
+
+    # --- the scripts: collected by train.py, loaded by evaluate.py ---------------------------------------------
+    @classmethod
+    def add_flags(cls, parser, training: bool) -> None:
+        from peft_bayes.arguments import str2bool
+
+        title = "SWAG (train.py --posterior swag collects; evaluate.py --posterior swag|multiswag)"
+        g = parser.add_argument_group(title)
+        if training:
+            g.add_argument("--swag_start", default=None, help="collect from this epoch (2, 1.5) or step (300steps); "
+                           "default: half way through training")  # fmt: skip
+            g.add_argument("--swag_learning_rate", type=float, default=None, help="learning rate from the start on "
+                           "(default: keep the schedule)")  # fmt: skip
+            g.add_argument("--swag_anneal_epochs", type=float, default=None, help="epochs to anneal to it (0)")
+            g.add_argument("--swag_anneal_strategy", default=None, choices=ANNEAL_STRATEGIES, help="constant "
+                           "(default)")  # fmt: skip
+            g.add_argument("--swag_collect_every", type=int, default=None, help="collect every N optimizer steps "
+                           "(default: once an epoch)")  # fmt: skip
+            g.add_argument("--swag_max_num_models", type=int, default=None, help="deviation columns K (20)")
+            g.add_argument("--swag_cov_mat", type=str2bool, nargs="?", const=True, default=None, help="low-rank + "
+                           "diagonal covariance (true) or diagonal only")  # fmt: skip
+            g.add_argument("--swag_export_swa", type=str2bool, nargs="?", const=True, default=None, help="also "
+                           "write the SWA mean as a plain PEFT adapter to <output_dir>/swa")  # fmt: skip
+        g.add_argument("--swag_sample_scale", type=float, default=None, help="factor on the sample standard "
+                       "deviation (1.0; 0: the SWA mean)")  # fmt: skip
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        if hasattr(args, "swag_collect_every"):  # train.py: the options' own checks
+            swag_options(args)
+        scale = getattr(args, "swag_sample_scale", None)
+        if scale is not None and not (scale >= 0 and scale != float("inf")):
+            raise InputError(f"--swag_sample_scale must be a non-negative number, got {scale}")
+        if getattr(args, "resume_from_checkpoint", None):
+            raise InputError("--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not "
+                             "saved in checkpoints; train again from the start")  # fmt: skip
+
+    @classmethod
+    def collector(cls, args, model, steps_per_epoch: int) -> SwagCollector:
+        return SwagCollector(model, swag_options(args), steps_per_epoch=steps_per_epoch)
+
+    @classmethod
+    def after_training(cls, work, collector) -> None:
+        """The collected posterior next to the adapter (rank 0), and the SWA mean as a plain adapter with
+        ``--swag_export_swa`` (with the run's train_args.json: its prompt template is the run's)."""
+        import shutil
+
+        from peft_bayes.posterior.base import posterior_folder
+
+        args = work.args
+        folder = collector.save(posterior_folder(args.output_dir, cls.name))
+        if is_main_process():
+            steps = collector.collected_steps
+            print(f"SWAG: {collector.n_models} models collected after optimizer steps {steps}; saved to {folder}")
+            if args.swag_export_swa:
+                swa = collector.posterior().export_swa(os.path.join(args.output_dir, "swa"))
+                shutil.copy2(os.path.join(args.output_dir, "train_args.json"), os.path.join(swa, "train_args.json"))
+                print(f"SWA mean saved as a plain adapter to {swa}")
+
+    @classmethod
+    def from_args(cls, work) -> Swag:
+        from peft_bayes.posterior.base import posterior_folder, require_adapter
+
+        folder = posterior_folder(require_adapter(work.args, cls.name), cls.name)
+        if not os.path.isdir(folder):
+            raise InputError(f"no saved SWAG posterior in {folder}: train with train.py --posterior swag")
+        posterior = cls.load_saved(work.model, folder)
+        if work.args.swag_sample_scale is not None:
+            posterior.sample_scale = work.args.swag_sample_scale
+        return posterior
 
     @classmethod
     def load(cls, model, folder: str, adapter_name: str | None = None) -> Swag:

@@ -9,6 +9,7 @@ one; the argmax, hence the accuracy, never changes.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -78,6 +79,7 @@ class TemperatureScaling(Posterior):
     name: ClassVar[str] = "temperature"
     default_samples: ClassVar[int] = 0
     stochastic: ClassVar[bool] = False
+    accepts: ClassVar[tuple[str, ...]] = ("fit_data_path", "fit_limit")
 
     def __init__(self, model, temperature: float | None = None) -> None:
         super().__init__(model)
@@ -160,6 +162,30 @@ class TemperatureScaling(Posterior):
         self._require_fit()
         with self.mean():
             return self.scale(scorer.scores(progress))
+
+    # --- the scripts: fitted on --fit_data_path (a validation set) or loaded -------------------------------------
+    @classmethod
+    def from_args(cls, work) -> TemperatureScaling:
+        from peft_bayes.posterior.base import posterior_folder
+
+        args = work.args
+        folder = posterior_folder(args.adapter, cls.name) if args.adapter else None
+        if args.fit_data_path:
+            if not work.choice_data:
+                raise InputError("--posterior temperature scales option scores: it needs a multiple-choice test set")
+            posterior = cls(work.model)
+            posterior.fit(work.scorer(args.fit_data_path, args.fit_limit), work.progress("temperature fit"))
+            if folder:
+                posterior.save(folder)
+            if not work.quiet:
+                saved = f"; saved to {folder}" if folder else ""
+                print(f"temperature {posterior.temperature:.4g} fitted on {posterior.n_data} examples (validation "
+                      f"NLL {posterior.nll_before:.4f} -> {posterior.nll_after:.4f}){saved}")  # fmt: skip
+            return posterior
+        if folder is None or not os.path.isdir(folder):
+            where = f"in {folder}" if folder else "for the base model (no --adapter)"
+            raise InputError(f"no saved temperature {where}: give --fit_data_path (a validation set) to fit one")
+        return cls.load_saved(work.model, folder)
 
     # --- persistence ---------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -36,12 +36,14 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_folder_atomically
 from peft_bayes.posterior.base import Progress, sample_seed
+from peft_bayes.posterior.bayeslora import BayesLoraPosterior
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_nll, lm_nll
 
 TFB_CONFIG_NAME = "tfb_config.json"
@@ -458,3 +460,65 @@ def load_tfb_result(folder: str) -> TfbResult:
             return TfbResult.from_dict(json.load(f))
     except (ValueError, TypeError) as err:
         raise InputError(f"{path}: not a valid TFB result ({err})") from None
+
+
+class Tfb(BayesLoraPosterior):
+    """``--posterior tfb``: the BayesLoRA posterior TFB makes of a trained LoRA adapter (``bayesianize`` on the anchor
+    set ``--fit_data_path``, saved next to the adapter, reused later). It evaluates as the BayesLoRA posterior it is,
+    and its summary says so (``posterior: bayeslora``)."""
+
+    name: ClassVar[str] = "tfb"
+    accepts: ClassVar[tuple[str, ...]] = ("fit_data_path", "fit_limit", "tfb_epsilon", "tfb_samples")
+
+    @classmethod
+    def add_flags(cls, parser, training: bool) -> None:
+        if training:
+            return
+        g = parser.add_argument_group("training-free Bayesianization (evaluate.py --posterior tfb)")
+        g.add_argument("--tfb_epsilon", type=float, default=None, help="relative NLL threshold on the anchor set "
+                       "(--fit_data_path) of the sigma search (0.01)")  # fmt: skip
+        g.add_argument("--tfb_samples", type=int, default=None, help="posterior draws of the anchor NLL (4)")
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        if args.tfb_epsilon is not None and not args.tfb_epsilon > 0:
+            raise InputError(f"--tfb_epsilon must be a positive relative threshold, got {args.tfb_epsilon}")
+        if args.tfb_samples is not None and args.tfb_samples < 1:
+            raise InputError(f"--tfb_samples must be a positive number of draws, got {args.tfb_samples}")
+        if not args.fit_data_path and not args.adapter:
+            raise InputError("--posterior tfb needs --adapter (a trained LoRA adapter)")
+
+    @classmethod
+    def may_sample(cls, args) -> bool:
+        return True
+
+    @classmethod
+    def from_args(cls, work) -> Tfb:
+        """Bayesianizes the LoRA of ``work.model`` on ``--fit_data_path`` and saves it, or loads the saved one; the
+        posterior is over a new ``PeftModel`` on the same base model."""
+        from peft import PeftModel
+
+        from peft_bayes.data.loading import is_choice_data
+        from peft_bayes.posterior.base import posterior_folder, require_adapter
+
+        args = work.args
+        folder = posterior_folder(require_adapter(args, cls.name), cls.name)
+        if args.fit_data_path:
+            likelihood = "choice" if is_choice_data(args.fit_data_path) else "lm"
+            batches = list(work.batches(args.fit_data_path, args.fit_limit, likelihood, 4))
+            extra = {k: v for k, v in (("epsilon", args.tfb_epsilon), ("samples", args.tfb_samples)) if v is not None}
+            bayes_model, result = bayesianize(work.model, batches, seed=args.seed,
+                                              progress=work.progress("TFB sigma search"), **extra)  # fmt: skip
+            save_tfb(bayes_model, result, folder)
+            if not work.quiet:
+                print(f"TFB: sigma {result.sigma:.4g} (anchor NLL {result.nll_mean:.4f} -> {result.nll_at_sigma:.4f}, "
+                      f"threshold {result.threshold:.4f}, {result.n_evals} evaluations); BayesLoRA adapter saved to "
+                      f"{folder}")  # fmt: skip
+            return cls(bayes_model)
+        if not os.path.isdir(folder):
+            raise InputError(f"no saved TFB adapter in {folder}: give --fit_data_path (an anchor set) to make one")
+        load_tfb_result(folder)  # a one-line error when the folder is not a TFB adapter
+        return cls(PeftModel.from_pretrained(work.model.unload(), folder).eval())
+
+    def summary(self) -> dict:
+        return {"posterior": BayesLoraPosterior.name, "bayes_eval_draw": self.eval_draw}
