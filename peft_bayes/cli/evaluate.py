@@ -13,7 +13,6 @@ import os
 import sys
 import time
 
-from peft_bayes.cli import adapters
 from peft_bayes.cli.common import (
     ArgumentParser,
     add_recorded_flags,
@@ -35,6 +34,7 @@ from peft_bayes.evaluation.choice_scoring import (
 from peft_bayes.evaluation.datasets import EvalSet, load_eval_set
 from peft_bayes.io import peak_memory, write_json_atomic
 from peft_bayes.posterior import posterior_class
+from peft_bayes.tuners import catalogue as adapters
 
 __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_batches", "resolve_dataset"]
 

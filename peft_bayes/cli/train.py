@@ -14,7 +14,6 @@ import shutil
 import sys
 import tempfile
 
-from peft_bayes.cli import adapters
 from peft_bayes.cli.common import (
     TRAIN_ARGS,
     ArgumentParser,
@@ -26,6 +25,7 @@ from peft_bayes.errors import InputError
 from peft_bayes.io import write_json_atomic
 from peft_bayes.models import pad_token_id
 from peft_bayes.training import BAYES_OPTIMIZERS
+from peft_bayes.tuners import catalogue as adapters
 from peft_bayes.tuners.adapter_mlp import parse_scaling
 
 # --recipe: the defaults of the authors' scripts (bayesian-peft scripts/blob/blob-llama-all.sh), any flag overrides.

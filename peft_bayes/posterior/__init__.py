@@ -18,6 +18,7 @@ from peft_bayes.posterior.point import PointEstimate
 from peft_bayes.posterior.swag import Swag, SwagCollector, SwagOptions
 from peft_bayes.posterior.temperature import TemperatureScaling
 from peft_bayes.posterior.tfb import Tfb
+from peft_bayes.tuners.bayeslora import is_bayesian
 
 POSTERIORS: dict[str, type[Posterior]] = {}
 
@@ -41,8 +42,6 @@ for _cls in (AdapterDefault, PointEstimate, BayesLoraPosterior, Laplace, Tempera
 def default_posterior(model) -> Posterior:
     """The posterior a model carries itself: BayesLoRA's when it has an active BayesLoRA adapter, else the point
     estimate (a deterministic pass)."""
-    from peft_bayes.tuners.bayeslora import is_bayesian
-
     if model is not None and is_bayesian(model):
         return BayesLoraPosterior(model)
     return PointEstimate(model)

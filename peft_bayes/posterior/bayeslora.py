@@ -18,7 +18,9 @@ import os
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
+from peft_bayes.errors import InputError
 from peft_bayes.posterior.base import Posterior
+from peft_bayes.posterior.point import PointEstimate
 from peft_bayes.tuners.bayeslora import fresh_draws, is_bayesian, posterior_sample, sampling
 
 DRAWS = ("forward", "pass")
@@ -30,8 +32,6 @@ class BayesLoraPosterior(Posterior):
     name: ClassVar[str] = "bayeslora"
 
     def __init__(self, model, draw: str = "forward") -> None:
-        from peft_bayes.errors import InputError
-
         if not is_bayesian(model):
             raise InputError("--posterior bayeslora needs an active BayesLoRA adapter; this model has none")
         if draw not in DRAWS:
@@ -79,8 +79,6 @@ class AdapterDefault(Posterior):
 
     @classmethod
     def from_args(cls, work) -> Posterior:
-        from peft_bayes.posterior.point import PointEstimate
-
         if work.model is not None and is_bayesian(work.model):
             return BayesLoraPosterior(work.model)
         return PointEstimate(work.model)

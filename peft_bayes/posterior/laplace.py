@@ -22,8 +22,9 @@ from typing import ClassVar
 
 import torch
 
+from peft_bayes.arguments import str2bool
 from peft_bayes.errors import InputError, did_you_mean
-from peft_bayes.posterior.base import OptionScorer, Posterior, weights_fingerprint
+from peft_bayes.posterior.base import OptionScorer, Posterior, posterior_folder, require_adapter, weights_fingerprint
 from peft_bayes.posterior.curvature import (
     SUBSETS,
     Recorder,
@@ -33,7 +34,7 @@ from peft_bayes.posterior.curvature import (
     rows_tokens,
     stats_dtype,
 )
-from peft_bayes.posterior.distributed import shard, sum_scalars
+from peft_bayes.posterior.distributed import barrier, is_main_process, shard, sum_scalars
 from peft_bayes.posterior.fisher import CurvatureAccumulator, backward_vectors
 from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, row_scores, scores_matrix
 from peft_bayes.posterior.lowrank import LowRankKronBlock
@@ -357,8 +358,6 @@ class Laplace(Posterior):
     # --- the scripts: flags, fit after training or on --fit_data_path, a saved one ---------------------------
     @classmethod
     def add_flags(cls, parser, training: bool) -> None:
-        from peft_bayes.arguments import str2bool
-
         g = parser.add_argument_group("Laplace (train.py and evaluate.py --posterior laplace)")
         g.add_argument("--val_data_path", default=None, help="validation data of --prior_method val")
         g.add_argument("--laplace_subset", default=None, choices=SUBSETS, help="all adapters, or the last adapted "
@@ -409,8 +408,6 @@ class Laplace(Posterior):
         """Fits on ``fit_path`` (progress lines unless quiet), tunes the prior, saves to ``folder`` (rank 0)."""
         import time
 
-        from peft_bayes.posterior.distributed import barrier, is_main_process
-
         args = work.args
         options = cls.options_from_args(args, work.choice_data)
         quiet = work.quiet or not is_main_process()
@@ -440,8 +437,6 @@ class Laplace(Posterior):
 
     @classmethod
     def from_args(cls, work) -> Laplace:
-        from peft_bayes.posterior.base import posterior_folder, require_adapter
-
         args = work.args
         folder = posterior_folder(require_adapter(args, cls.name), cls.name)
         if args.fit_data_path:
@@ -457,8 +452,6 @@ class Laplace(Posterior):
     @classmethod
     def after_training(cls, work, collector) -> None:
         """train.py --posterior laplace: fitted on the training data (``--fit_limit``), saved next to the adapter."""
-        from peft_bayes.posterior.base import posterior_folder
-
         cls.fit_and_save(work, work.args.data_path, posterior_folder(work.args.output_dir, cls.name))
 
     def summary(self) -> dict:

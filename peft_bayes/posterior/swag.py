@@ -36,8 +36,9 @@ from typing import ClassVar
 import torch
 from transformers import TrainerCallback
 
+from peft_bayes.arguments import str2bool
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import Posterior, read_saved, weights_fingerprint
+from peft_bayes.posterior.base import Posterior, posterior_folder, read_saved, require_adapter, weights_fingerprint
 from peft_bayes.posterior.distributed import barrier, is_main_process
 
 ANNEAL_STRATEGIES = ("constant", "linear", "cosine")
@@ -437,8 +438,6 @@ class Swag(Posterior):
     # --- the scripts: collected by train.py, loaded by evaluate.py ---------------------------------------------
     @classmethod
     def add_flags(cls, parser, training: bool) -> None:
-        from peft_bayes.arguments import str2bool
-
         title = "SWAG (train.py --posterior swag collects; evaluate.py --posterior swag|multiswag)"
         g = parser.add_argument_group(title)
         if training:
@@ -480,8 +479,6 @@ class Swag(Posterior):
         ``--swag_export_swa`` (with the run's train_args.json: its prompt template is the run's)."""
         import shutil
 
-        from peft_bayes.posterior.base import posterior_folder
-
         args = work.args
         folder = collector.save(posterior_folder(args.output_dir, cls.name))
         if is_main_process():
@@ -494,8 +491,6 @@ class Swag(Posterior):
 
     @classmethod
     def from_args(cls, work) -> Swag:
-        from peft_bayes.posterior.base import posterior_folder, require_adapter
-
         folder = posterior_folder(require_adapter(work.args, cls.name), cls.name)
         if not os.path.isdir(folder):
             raise InputError(f"no saved SWAG posterior in {folder}: train with train.py --posterior swag")

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, weights_fingerprint
+from peft_bayes.posterior.base import OptionScorer, Posterior, Progress, posterior_folder, weights_fingerprint
 
 # The fitted T is kept in [1/T_MAX, T_MAX]: the optimum runs off to 0 (every validation answer right, scores
 # separable) or to infinity (scores unrelated to the answers); there a bounded T is as good as the limit.
@@ -166,8 +166,6 @@ class TemperatureScaling(Posterior):
     # --- the scripts: fitted on --fit_data_path (a validation set) or loaded -------------------------------------
     @classmethod
     def from_args(cls, work) -> TemperatureScaling:
-        from peft_bayes.posterior.base import posterior_folder
-
         args = work.args
         folder = posterior_folder(args.adapter, cls.name) if args.adapter else None
         if args.fit_data_path:

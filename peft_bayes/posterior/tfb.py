@@ -40,11 +40,15 @@ from typing import ClassVar
 
 import torch
 
+from peft_bayes.data.loading import is_choice_data
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_folder_atomically
-from peft_bayes.posterior.base import Progress, sample_seed
+from peft_bayes.posterior.base import Progress, posterior_folder, require_adapter, sample_seed
 from peft_bayes.posterior.bayeslora import BayesLoraPosterior
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_nll, lm_nll
+from peft_bayes.tuners.bayeslora import posterior_sample, sampling
+from peft_bayes.tuners.bayeslora.config import STD_PARAMS, BayesLoraConfig
+from peft_bayes.tuners.bayeslora.layer import layer_class_for, rho_from_std
 
 TFB_CONFIG_NAME = "tfb_config.json"
 ADAPTER = "default"  # the adapter name of the BayesLoRA model TFB builds
@@ -163,8 +167,6 @@ def _lora_factors(peft_model, adapter: str) -> dict[str, tuple]:
     BayesLoRA lacks."""
     from peft.tuners.lora import LoraLayer
 
-    from peft_bayes.tuners.bayeslora.layer import layer_class_for
-
     factors = {}
     for module_name, layer in peft_model.named_modules():
         if not isinstance(layer, LoraLayer):
@@ -191,8 +193,6 @@ def _lora_factors(peft_model, adapter: str) -> dict[str, tuple]:
 def _bayes_config(lora_config, std_param: str):
     from peft import LoraConfig
 
-    from peft_bayes.tuners.bayeslora.config import BayesLoraConfig
-
     names = {f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name != "peft_type"}
     values = {n: getattr(lora_config, n) for n in names if hasattr(lora_config, n)}
     values.update(init_lora_weights=True, bayesian_factor="A", std_param=std_param)
@@ -204,7 +204,6 @@ def _bayes_config(lora_config, std_param: str):
 
 def set_sigma(model, scales: dict[str, torch.Tensor], sigma: float, std_param: str) -> None:
     """Writes ``rho = std_param^-1(sigma * scales[name][i])`` (computed in float64) into every layer of ``scales``."""
-    from peft_bayes.tuners.bayeslora.layer import rho_from_std
 
     modules = dict(model.named_modules())
     for module_name, inv in scales.items():
@@ -284,7 +283,6 @@ def _pass_nll(model, batches: list, nll: Callable, tick: Callable[[], None]) -> 
 
 def expected_nll(model, batches: list, nll: Callable, count: int, samples: int, seed: int, tick) -> float:
     """Mean over ``samples`` fixed posterior draws of the anchor NLL per unit (the model's current rho)."""
-    from peft_bayes.tuners.bayeslora import posterior_sample
 
     total = 0.0
     for index in range(samples):
@@ -378,8 +376,6 @@ def bayesianize(
             anchor set, a non-finite NLL of the mean: all before any change to ``peft_model``. A lower sigma bound
             that already breaks the threshold is found after the conversion (``peft_model`` is then consumed).
     """
-    from peft_bayes.tuners.bayeslora import sampling
-    from peft_bayes.tuners.bayeslora.config import STD_PARAMS
 
     bounds = _check_options(epsilon, sigma_bounds, samples, tolerance)
     if std_param not in STD_PARAMS:
@@ -497,9 +493,6 @@ class Tfb(BayesLoraPosterior):
         """Bayesianizes the LoRA of ``work.model`` on ``--fit_data_path`` and saves it, or loads the saved one; the
         posterior is over a new ``PeftModel`` on the same base model."""
         from peft import PeftModel
-
-        from peft_bayes.data.loading import is_choice_data
-        from peft_bayes.posterior.base import posterior_folder, require_adapter
 
         args = work.args
         folder = posterior_folder(require_adapter(args, cls.name), cls.name)

@@ -14,7 +14,6 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_bayes.cli import adapters
 from peft_bayes.cli import evaluate as evaluate_mod
 from peft_bayes.cli.evaluate import main as evaluate_main
 from peft_bayes.cli.generate import main as generate_main
@@ -23,6 +22,7 @@ from peft_bayes.data import Prompter
 from peft_bayes.data.answers import infer_task, is_correct
 from peft_bayes.data.loading import load_records
 from peft_bayes.tiny import TINY_ARCHITECTURES
+from peft_bayes.tuners import catalogue as adapters
 
 SUMMARY_KEYS = {"n", "accuracy", "wall_time_s", "examples_per_s"}
 ROW_KEYS = {"prompt", "generation", "extracted", "gold", "correct"}

@@ -126,7 +126,7 @@ def test_train_subprocess_exit_code_and_single_line(tmp_path, llama_dir, data_fi
 
 
 def _adapter_names():
-    from peft_bayes.cli.adapters import ADAPTERS
+    from peft_bayes.tuners.catalogue import ADAPTERS
 
     return list(ADAPTERS)
 

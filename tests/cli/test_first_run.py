@@ -275,7 +275,7 @@ def test_help_shows_every_default_once(script):
 
 
 def test_mistyped_names_get_the_nearest_suggested(capsys):
-    from peft_bayes.cli.adapters import adapter_spec
+    from peft_bayes.tuners.catalogue import adapter_spec
 
     with pytest.raises(InputError, match=r"unknown --adapter_name 'lroa' \(did you mean 'lora'"):
         adapter_spec("lroa")

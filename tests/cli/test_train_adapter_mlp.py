@@ -11,12 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peft_bayes.cli import adapters
 from peft_bayes.cli.common import run_cli
 from peft_bayes.cli.evaluate import main as eval_main
 from peft_bayes.cli.generate import main as gen_main
 from peft_bayes.cli.train import main as train_main
 from peft_bayes.errors import InputError
+from peft_bayes.tuners import catalogue as adapters
 
 B = 8  # --bottleneck_size in these tests
 LLM_ADAPTERS_LIST = '["up_proj", "gate_proj"]'  # LLM-Adapters' fire syntax for lists

@@ -10,8 +10,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peft_bayes.cli import adapters
 from peft_bayes.cli.train import main as train_main
+from peft_bayes.tuners import catalogue as adapters
 
 NATIVE = ["lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "prefix-tuning", "prompt-tuning", "p-tuning"]
 

@@ -1,8 +1,8 @@
 """One invariant battery for every adapter the library offers (PEFT's ``test_custom_models.py`` style).
 
-The cases come from ``peft_bayes.cli.adapters.ADAPTERS``: the PEFT-native methods train.py offers and this package's
-own tuners, built by the same code train.py uses. A tuner registered later joins by getting an ``--adapter_name``
-entry; ``test_every_registered_tuner_is_in_the_battery`` fails until it does.
+The cases come from ``peft_bayes.tuners.catalogue.ADAPTERS``: the PEFT-native methods train.py offers and this
+package's own tuners, built by the same code train.py uses. A tuner registered later joins by getting an
+``--adapter_name`` entry; ``test_every_registered_tuner_is_in_the_battery`` fails until it does.
 
 Invariants, on tiny LLaMA / GPT-2 / OPT / BLOOM / GPT-J / GPT-NeoX:
   identity-initialised adapters start equal to the base; ``disable_adapter()`` equals the base; only adapter
@@ -22,11 +22,11 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_bayes import registry
-from peft_bayes.cli import adapters
 from peft_bayes.cli.train import build_parser
 from peft_bayes.errors import InputError
 from peft_bayes.models import disable_bnb_cpu_repacking, enable_activation_checkpointing
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model
+from peft_bayes.tuners import catalogue as adapters
 
 # PEFT's LoHa, LoKr and OFT wrap nn.Linear only, not GPT-2's Conv1D: attaching them must fail with a clear error.
 UNSUPPORTED = {("loha", "gpt2"), ("lokr", "gpt2"), ("oft", "gpt2")}
