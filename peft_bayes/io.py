@@ -79,6 +79,22 @@ def write_folder_atomically(folder: str, write: Callable[[str], None], prefix: s
     return folder
 
 
+def write_files_into(folder: str, write: Callable[[str], str | None], prefix: str = ".tmp-") -> str:
+    """Runs ``write(tmp)`` on a temporary folder inside ``folder``, then moves each entry it wrote into ``folder``
+    (``os.replace``: an entry of the same name is replaced, the others stay), so an interrupted write never leaves a
+    half-written file there. ``write`` may return a subfolder of ``tmp`` to move the entries of instead (PEFT saves
+    a named adapter in one). Returns ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=folder)
+    try:
+        source = write(tmp) or tmp
+        for name in os.listdir(source):
+            os.replace(os.path.join(source, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def read_json(path: str) -> Any:
     """The JSON in ``path``; a one-line error naming the file when it is not valid JSON."""
     with open(path, encoding="utf-8") as f:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 from peft_bayes.cli.common import (
     TRAIN_ARGS,
@@ -22,7 +20,7 @@ from peft_bayes.cli.common import (
     str2bool,
 )
 from peft_bayes.errors import InputError
-from peft_bayes.io import write_json_atomic
+from peft_bayes.io import write_files_into, write_json_atomic
 from peft_bayes.models import pad_token_id
 from peft_bayes.training import BAYES_OPTIMIZERS
 from peft_bayes.tuners import catalogue as adapters
@@ -427,17 +425,14 @@ def _load_adapter_weights(model, folder: str) -> None:
 
 def save_final(model, tokenizer, args, extra: dict) -> None:
     """Adapter (safetensors) + adapter_config.json + tokenizer + resolved arguments, moved in file by file."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".final-", dir=args.output_dir)
-    try:
+
+    def write(staging: str) -> None:
         # A head adapter (lm_head in the targets) saves its LoRA weights only, never the (tied) embedding matrix.
         model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(staging)
         write_json_atomic(os.path.join(staging, TRAIN_ARGS), {**vars(args), **extra})
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(args.output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_files_into(args.output_dir, write, ".final-")
 
 
 def main(argv: list[str] | None = None) -> int:

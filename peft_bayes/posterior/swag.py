@@ -27,7 +27,6 @@ import contextlib
 import math
 import os
 import shutil
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from transformers import TrainerCallback
 
 from peft_bayes.arguments import str2bool
 from peft_bayes.errors import InputError
+from peft_bayes.io import write_files_into
 from peft_bayes.posterior.base import Posterior, posterior_folder, read_saved, require_adapter, weights_fingerprint
 from peft_bayes.posterior.distributed import barrier, is_main_process
 
@@ -381,18 +381,13 @@ class Swag(Posterior):
     def export_swa(self, folder: str) -> str:
         """Writes the SWA mean as a plain PEFT adapter (``save_pretrained``) that ``PeftModel.from_pretrained``
         loads; written through a temporary folder, files moved in one by one. Returns ``folder``."""
-        os.makedirs(folder, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".swa-", dir=folder)
-        try:
+
+        def write(staging: str) -> str:
             with self.mean():
                 self.model.save_pretrained(staging, selected_adapters=[self.adapter_name], safe_serialization=True)
-            source = staging if self.adapter_name == "default" else os.path.join(staging, self.adapter_name)
-            for name in os.listdir(source):
-                if os.path.isfile(os.path.join(source, name)):
-                    os.replace(os.path.join(source, name), os.path.join(folder, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return folder
+            return staging if self.adapter_name == "default" else os.path.join(staging, self.adapter_name)
+
+        return write_files_into(folder, write, ".swa-")
 
     # --- persistence ------------------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -477,7 +472,6 @@ class Swag(Posterior):
     def after_training(cls, work, collector) -> None:
         """The collected posterior next to the adapter (rank 0), and the SWA mean as a plain adapter with
         ``--swag_export_swa`` (with the run's train_args.json: its prompt template is the run's)."""
-        import shutil
 
         args = work.args
         folder = collector.save(posterior_folder(args.output_dir, cls.name))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
-import tempfile
 
 import torch
 from peft import LoraConfig, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
+from peft_bayes.io import write_files_into
 from peft_bayes.tuners.bayeslora.config import BayesLoraConfig
 from peft_bayes.tuners.bayeslora.layer import BayesLoraLayer, layer_class_for
 from peft_bayes.tuners.bayeslora.sampling import kl_divergence
@@ -63,13 +62,9 @@ class BayesLoraModel(LoraModel):
             if any(p in ("lora_A", "lora_B") for p in parts) and f".{adapter_name}." in f".{name}.":
                 key = name.replace(f".{adapter_name}.", ".")  # PEFT's checkpoint keys omit the adapter name
                 weights[f"base_model.model.{key}"] = tensor.detach().to("cpu").contiguous()
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".to-lora-", dir=output_dir)
-        try:
+
+        def write(staging: str) -> None:
             plain.save_pretrained(staging)
             save_file(weights, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
-            for name in os.listdir(staging):
-                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return output_dir
+
+        return write_files_into(output_dir, write, ".to-lora-")
