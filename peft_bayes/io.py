@@ -1,6 +1,6 @@
 """Files and process facts shared by the library, the scripts and the benches: atomic writes (a reader never sees
-half a file or folder, and a failed write leaves the old one intact), JSON reading with one-line errors, and the
-process's peak memory. Imports nothing from peft_bayes but its errors."""
+half a file or folder, and a failed write leaves the old one intact), JSON reading with one-line errors, the
+process's peak memory, and progress lines. Imports nothing from peft_bayes but its errors."""
 
 from __future__ import annotations
 
@@ -102,3 +102,25 @@ def read_json(path: str) -> Any:
             return json.load(f)
         except ValueError as err:
             raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+def progress_printer(label: str, quiet: bool = False, stream=None) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback printing ``label: done/total`` to ``stream`` (stdout): redrawn in place on
+    a terminal; elsewhere (a log file, a pipe) one plain line at each tenth of the way, so logs stay short."""
+    state = {"shown": -1}
+
+    def progress(done: int, total: int) -> None:
+        out = stream or sys.stdout
+        if quiet:
+            return
+        if out.isatty():
+            print(f"\r{label}: {done}/{total}", end="" if done < total else "\n", file=out, flush=True)
+            return
+        tenth = 10 * done // max(total, 1)
+        if tenth > state["shown"] or done >= total:
+            if done >= total and state["shown"] == 10:
+                return
+            state["shown"] = 10 if done >= total else tenth
+            print(f"{label}: {done}/{total}", file=out, flush=True)
+
+    return progress

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+from peft_bayes.data import Prompter
+from peft_bayes.data.prompts import CHAT
 from peft_bayes.errors import InputError
+from peft_bayes.options import OptionEnum, coerce_enums, option
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +332,86 @@ def _hub_error(path: str, what: str, err: Exception) -> InputError:
     return InputError(f"{what} {path!r} could not be loaded (not a model directory, and the Hub said: {first})")
 
 
+class QuantType(OptionEnum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+@dataclass
+class LoadOptions:
+    """How the scripts load a base model (bitsandbytes quantisation, the repository's own code)."""
+
+    trust_remote_code: bool = option(False, "run code that the model repository ships")
+    load_8bit: bool = option(False, "int8 base")
+    load_4bit: bool = option(False, "4-bit (QLoRA) base")
+    bnb_4bit_quant_type: QuantType = option(QuantType.NF4, "4-bit data type")
+    bnb_4bit_double_quant: bool = option(True, "quantise the quantisation constants")
+    bnb_4bit_compute_dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def compute_dtype(self) -> torch.dtype:
+        if self.bnb_4bit_compute_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return parse_dtype(self.bnb_4bit_compute_dtype)
+
+
+def load_training_model(base_model: str, options: LoadOptions, gradient_checkpointing: bool = False):
+    """(model, left-padding tokenizer) ready for an adapter: a quantised base prepared for k-bit training, and
+    non-reentrant gradient checkpointing when asked for."""
+    compute = options.compute_dtype()  # a bad dtype name fails before anything loads
+    base = check_model_source(base_model, "base model")  # a packaged name becomes its cached folder
+    tokenizer = load_tokenizer(base, options.trust_remote_code, padding_side="left")
+    quantized = options.load_8bit or options.load_4bit
+    model = load_base_model(
+        base,
+        load_8bit=options.load_8bit,
+        load_4bit=options.load_4bit,
+        dtype=compute if quantized else None,
+        quant_type=options.bnb_4bit_quant_type,
+        double_quant=options.bnb_4bit_double_quant,
+        trust_remote_code=options.trust_remote_code,
+    )
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def tokenizer_source(base_model: str, adapter: str | None) -> str:
+    """Where an adapter's tokenizer comes from: the adapter folder if it saved one, else the base model."""
+    if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        return adapter
+    return base_model
+
+
+def load_inference_model(base_model: str, adapter: str | None, options: LoadOptions):
+    """(model in eval mode, left-padding tokenizer): the base model with the adapter folder ``adapter`` (None: the
+    base alone), the adapter's tokenizer where it saved one; on the GPU when there is one and the base is not
+    quantized (a quantized one is placed as it loads)."""
+    from peft import PeftModel
+
+    base = check_model_source(base_model, "base model")  # a packaged name becomes its cached folder
+    tokenizer = load_tokenizer(tokenizer_source(base, adapter), options.trust_remote_code, padding_side="left")
+    load = {"load_8bit": options.load_8bit, "load_4bit": options.load_4bit}
+    model = load_base_model(base, **load, trust_remote_code=options.trust_remote_code)
+    if adapter:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise InputError(f"--adapter {adapter!r}: no adapter_config.json there")
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise InputError(f"--adapter {adapter!r} does not fit --base_model: {str(err).splitlines()[0]}") from None
+    if torch.cuda.is_available() and not (options.load_8bit or options.load_4bit):
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
 def quantization_config(
     load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True
 ):
@@ -369,8 +452,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
 def load_prompter(name: str, tokenizer_source: str, trust_remote_code: bool = False):
     """The prompt template ``name`` (``--prompt_template``); ``chat`` loads the tokenizer at ``tokenizer_source`` to
     read its chat template, so a tokenizer without one fails before the model is loaded."""
-    from peft_bayes.data import Prompter
-    from peft_bayes.data.prompts import CHAT
 
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code) if name == CHAT else None
     return Prompter.from_name(name, tokenizer=tokenizer)

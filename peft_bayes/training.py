@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from peft_bayes.errors import InputError
+from peft_bayes.options import OptionEnum
 from peft_bayes.posterior.likelihood import letter_logits, letter_nll
 from peft_bayes.tuners.bayeslora import (
     BayesLoraConfig,
@@ -38,7 +39,15 @@ from peft_bayes.tuners.bayeslora import (
     kl_schedule_factor,
 )
 
-BAYES_OPTIMIZERS = ("blob", "single")
+
+class BayesOptimizer(OptionEnum):
+    """How a Bayesian LoRA adapter's KL is optimised (see the module docstring)."""
+
+    BLOB = "blob"
+    SINGLE = "single"
+
+
+BAYES_OPTIMIZERS = BayesOptimizer.values()
 KL_OPTIMIZER_STATE = "blob_kl_optimizer.pt"
 
 

@@ -112,3 +112,29 @@ def test_the_cycle_check_sees_a_cycle_through_a_function_level_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _function_level_imports(path: Path) -> list[str]:
+    """``file:line module`` of every import of the package's own modules inside a function of ``path``."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                found += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith("peft_bayes")]
+    return found
+
+
+def test_the_package_imports_its_own_modules_at_the_top():
+    """No import of our own modules hides inside a function (they dodged cycles before): heavy optional
+    dependencies (matplotlib, gradio, triton, bitsandbytes) may be deferred, our modules may not."""
+    assert [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _function_level_imports(path)] == []
+
+
+def test_the_function_level_check_sees_one(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import os\n\ndef f():\n    import peft_bayes.io\n    from peft_bayes import errors\n    import json\n"
+    )
+    assert _function_level_imports(bad) == ["bad.py:4 peft_bayes.io", "bad.py:5 peft_bayes"]

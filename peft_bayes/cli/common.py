@@ -1,85 +1,17 @@
-"""Helpers shared by the three scripts: one-line errors, atomic writes, flag types."""
+"""What the three scripts share: the one-line error wrapper, the settings an adapter's train_args.json records,
+the model flags of evaluate.py and generate.py."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 from collections.abc import Callable
 
-from peft_bayes.arguments import comma_list, positive_ints, str2bool  # noqa: F401  (the scripts' flag types)
-from peft_bayes.errors import InputError, did_you_mean
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Help that shows every flag's one true default: ``(default: X)`` after each flag that takes a value and has a
-    default, whether or not it has help text; nothing for a default of None (the help text says what happens) and
-    for on/off switches; nothing added where the help already gives the default."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if not action.help and self._default_text(action):
-            action = copy.copy(action)
-            action.help = self._default_text(action)  # no help text: the default alone
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = (action.help or "").strip()
-        default = self._default_text(action)
-        if default and "%(default)" not in text and "(default" not in text:
-            text = f"{text} {default}".strip()
-        return text
-
-    @staticmethod
-    def _default_text(action: argparse.Action) -> str:
-        if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
-            return ""
-        return "(default: %(default)s)"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with LLM-Adapters-friendly help (every default shown), a one-line error (no usage dump) for unknown
-    or bad flags, and the nearest valid name suggested for a mistyped choice."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def _check_value(self, action: argparse.Action, value) -> None:
-        if action.choices is not None and value not in action.choices:
-            raise argparse.ArgumentError(action, invalid_choice(value, action.choices))
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def invalid_choice(value, choices) -> str:
-    """``invalid choice 'lroa' (did you mean 'lora'?); choose from ...``: the nearest names first."""
-    names = [str(c) for c in choices]
-    return f"invalid choice {value!r}{did_you_mean(value, names)}; choose from {', '.join(names)}"
-
-
-def progress_printer(label: str, quiet: bool = False, stream=None) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback printing ``label: done/total`` to ``stream`` (stdout): redrawn in place on
-    a terminal; elsewhere (a log file, a pipe) one plain line at each tenth of the way, so logs stay short."""
-    state = {"shown": -1}
-
-    def progress(done: int, total: int) -> None:
-        out = stream or sys.stdout
-        if quiet:
-            return
-        if out.isatty():
-            print(f"\r{label}: {done}/{total}", end="" if done < total else "\n", file=out, flush=True)
-            return
-        tenth = 10 * done // max(total, 1)
-        if tenth > state["shown"] or done >= total:
-            if done >= total and state["shown"] == 10:
-                return
-            state["shown"] = 10 if done >= total else tenth
-            print(f"{label}: {done}/{total}", file=out, flush=True)
-
-    return progress
+from peft_bayes.errors import InputError
+from peft_bayes.models import LoadOptions
+from peft_bayes.options import add_option_flags
 
 
 def quiet_progress_bars_off_terminal() -> bool:
@@ -155,6 +87,23 @@ def apply_recorded_settings(args, defaults: dict[str, str]) -> str | None:
             "recorded one, or add --override_train_args to use yours"
         )
     return f"{', '.join(taken)}: as recorded in {where}" if taken else None
+
+
+def add_model_flags(p: argparse.ArgumentParser, adapter_help: str) -> None:
+    """The model flags evaluate.py and generate.py share: the base model, an adapter folder, its expected kind, the
+    prompt template, how the base is loaded."""
+    p.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
+    p.add_argument("--adapter", "--lora_weights", dest="adapter", default=None, help=adapter_help)
+    p.add_argument(
+        "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
+    )
+    p.add_argument(
+        "--prompt_template",
+        default=None,
+        help="template name or JSON file; chat: the tokenizer's (default: the one the adapter's train_args.json "
+        "records, else alpaca)",
+    )
+    add_option_flags(p, LoadOptions, include=("load_8bit", "load_4bit", "trust_remote_code"), defaults=True)
 
 
 def add_recorded_flags(p: argparse.ArgumentParser) -> None:

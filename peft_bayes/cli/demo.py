@@ -18,7 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from peft_bayes.cli.common import ArgumentParser, quiet_progress_bars_off_terminal
+from peft_bayes.arguments import ArgumentParser
+from peft_bayes.cli.common import quiet_progress_bars_off_terminal
+from peft_bayes.data.synthetic import write_demo_data
+from peft_bayes.tiny import build_tokenizer, save_tiny_model
 
 # Settings chosen so the demo learns clearly within its time budget on 2 CPU cores (see the README).
 # The base is random and frozen, so the LoRA update on every linear layer does all the learning; a wider
@@ -75,8 +78,6 @@ def run(name: str, args: list[str]) -> None:
 
 def prepare(folder: Path) -> tuple[Path, Path, Path]:
     """Writes the tiny model (with tokenizer) and the train / test sets; returns their paths."""
-    from peft_bayes.data.synthetic import write_demo_data
-    from peft_bayes.tiny import build_tokenizer, save_tiny_model
 
     train_path, test_path = write_demo_data(str(folder / "data"), **DATA)
     tokenizer = build_tokenizer()  # its built-in corpus covers the template and the problems' vocabulary
@@ -94,18 +95,51 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, train_data, test_data = prepare(folder)
     adapter, results = folder / "adapter", folder / "eval"
-    run("train", ["--base_model", str(model), "--data_path", str(train_data), "--output_dir", str(adapter),
-                  *TRAIN_FLAGS])  # fmt: skip
-    run("evaluate", ["--base_model", str(model), "--adapter", str(adapter), "--data_path", str(test_data),
-                     "--dataset", "arithmetic", "--output_dir", str(results), *EVAL_FLAGS])  # fmt: skip
+    run(
+        "train",
+        ["--base_model", str(model), "--data_path", str(train_data), "--output_dir", str(adapter), *TRAIN_FLAGS],
+    )
+    run(
+        "evaluate",
+        [
+            "--base_model",
+            str(model),
+            "--adapter",
+            str(adapter),
+            "--data_path",
+            str(test_data),
+            "--dataset",
+            "arithmetic",
+            "--output_dir",
+            str(results),
+            *EVAL_FLAGS,
+        ],
+    )
     question = "Mia has 4 apples. She buys 3 more apples. How many apples does Mia have now?"
-    run("generate", ["--base_model", str(model), "--adapter", str(adapter), "--instruction", question,
-                     "--temperature", "0", "--max_new_tokens", "24", "--prompt_template", "alpaca_short"])  # fmt: skip
+    run(
+        "generate",
+        [
+            "--base_model",
+            str(model),
+            "--adapter",
+            str(adapter),
+            "--instruction",
+            question,
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "24",
+            "--prompt_template",
+            "alpaca_short",
+        ],
+    )
     summary = json.loads((results / "arithmetic_summary.json").read_text())
     chance = 1 / (2 * DATA["max_operand"] + 1)
     took = time.perf_counter() - t0
-    print(f"\ndemo: accuracy {100 * summary['accuracy']:.1f}% on {summary['n']} held-out problems "
-          f"(chance about {100 * chance:.1f}%), total {took:.0f} s; outputs in {folder}")  # fmt: skip
+    print(
+        f"\ndemo: accuracy {100 * summary['accuracy']:.1f}% on {summary['n']} held-out problems "
+        f"(chance about {100 * chance:.1f}%), total {took:.0f} s; outputs in {folder}"
+    )
     return 0
 
 

@@ -13,27 +13,24 @@ import os
 import sys
 import time
 
+from peft_bayes.arguments import ArgumentParser
 from peft_bayes.cli.common import (
-    ArgumentParser,
+    add_model_flags,
     add_recorded_flags,
     apply_recorded_settings,
-    progress_printer,
     quiet_progress_bars_off_terminal,
-    str2bool,
 )
 from peft_bayes.cli.posterior_flags import add_posterior_flags, check_posterior_flags, resolve_posterior
-from peft_bayes.data.choices import CHOICE_FORMATS
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation import calibration, predictive, votes
 from peft_bayes.evaluation.batching import generate_batched, make_batches
-from peft_bayes.evaluation.choice_scoring import (
-    CHOICE_NORMS,
-    DEFAULT_PREFIX,
-    SCORING_PATHS,
-)
+from peft_bayes.evaluation.choice_scoring import ChoiceOptions
 from peft_bayes.evaluation.datasets import EvalSet, load_eval_set
-from peft_bayes.io import peak_memory, write_json_atomic
+from peft_bayes.io import peak_memory, progress_printer, write_json_atomic
+from peft_bayes.models import LoadOptions, check_base_model, load_inference_model, load_prompter, tokenizer_source
+from peft_bayes.options import add_option_flags, options_from_args
 from peft_bayes.posterior import posterior_class
+from peft_bayes.posterior.bayeslora import EvalDraw
 from peft_bayes.tuners import catalogue as adapters
 
 __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_batches", "resolve_dataset"]
@@ -41,17 +38,7 @@ __all__ = ["build_parser", "generate_batched", "load_eval_model", "main", "make_
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
-    p.add_argument(
-        "--adapter",
-        "--lora_weights",
-        dest="adapter",
-        default=None,
-        help="adapter folder saved by train.py (omit to evaluate the base model)",
-    )
-    p.add_argument(
-        "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
-    )
+    add_model_flags(p, "adapter folder saved by train.py (omit to evaluate the base model)")
     p.add_argument("--dataset", default=None, help="test set name, e.g. SVAMP, gsm8k, AQuA, boolq, ARC-Easy")
     p.add_argument(
         "--data_dir",
@@ -59,20 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding <dataset>/test.json (LLM-Adapters' layout); env PEFT_BAYES_DATA_DIR",
     )
     p.add_argument("--data_path", default=None, help="any JSON file in the schema (overrides --data_dir)")
-    p.add_argument(
-        "--prompt_template",
-        default=None,
-        help="template name or JSON file; chat: the tokenizer's (default: the one the adapter's train_args.json "
-        "records, else alpaca)",
-    )
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--output_dir", default="eval_results")
-    p.add_argument("--load_8bit", type=str2bool, nargs="?", const=True, default=False)
-    p.add_argument("--load_4bit", type=str2bool, nargs="?", const=True, default=False)
-    p.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     b = p.add_argument_group("Bayesian evaluation and calibration")
     b.add_argument(
@@ -86,40 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--bayes_eval_draw",
         default="forward",
-        choices=["forward", "pass"],
+        choices=EvalDraw.values(),
         help="BayesLoRA / TFB samples of multiple-choice scoring: forward = a fresh noise draw and flipout signs on "
         "every forward pass (BLoB); pass = one weight sample held for the whole pass over the data (generation "
         "always holds one sample per pass)",
     )
-    b.add_argument(
-        "--choice_prefix",
-        default=DEFAULT_PREFIX,
-        help="multiple choice: response text before the scored option label ('' scores the bare label) "
-        "(default: %(default)r)",
-    )
-    b.add_argument(
-        "--choice_format",
-        default=None,
-        choices=CHOICE_FORMATS,
-        help="(default: cloze or letter where the adapter's train_args.json records it, else label) multiple "
-        "choice: label = score the option label after --choice_prefix (LLM-Adapters); cloze = score "
-        "each option's text as the response to the question alone (small models; lm-evaluation-harness); letter = "
-        "the lettered question, the K-way softmax over the letter tokens at 'Answer:' (BLoB, Laplace-LoRA, SWAG-LoRA)",
-    )
-    b.add_argument(
-        "--choice_norm",
-        default="none",
-        choices=CHOICE_NORMS,
-        help="option score: summed log-likelihood, or per token / per character of the option (acc_norm)",
-    )
-    b.add_argument(
-        "--choice_scoring",
-        default="shared",
-        choices=SCORING_PATHS,
-        help="shared = the shared prompt once: one packed row per example where the model allows (LLaMA, GPT-2, "
-        "OPT, GPT-J, GPT-NeoX), else from its KV cache; cached = the prompt once, the options from its KV cache; "
-        "full = every option as its own sequence (the reference path)",
-    )
+    add_option_flags(b, ChoiceOptions, defaults=True)
     b.add_argument("--ood_dataset", default=None, help="multiple-choice OOD test set (resolved via --data_dir)")
     b.add_argument("--ood_data_path", default=None, help="OOD test file (overrides --data_dir for the OOD set)")
     add_posterior_flags(p, training=False)
@@ -151,44 +101,16 @@ def resolve_dataset(args, ood: bool = False) -> tuple[str, str]:
     return dataset, path
 
 
-def tokenizer_source(args, base: str | None = None) -> str:
-    """Where the tokenizer comes from: the adapter folder if it saved one, else the base model (``base``: resolved)."""
-    if args.adapter and os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")):
-        return args.adapter
-    return base or args.base_model
-
-
 def load_eval_model(args):
-    """Base model (+ adapter) in eval mode, and a left-padding tokenizer (the adapter's if it saved one)."""
-    import torch
-    from peft import PeftModel
-
-    from peft_bayes.models import check_model_source, load_base_model, load_tokenizer
-
-    base = check_model_source(args.base_model, "base model")  # a packaged name becomes its cached folder
-    tok_source = tokenizer_source(args, base)
+    """Base model (+ adapter) in eval mode, and a left-padding tokenizer (the adapter's if it saved one); a
+    posterior over member adapters (an ensemble) loads them itself."""
     if args.adapter_name:
         if not args.adapter:
             raise InputError("--adapter_name needs --adapter (the adapter folder to check)")
         adapters.check_saved_adapter(args.adapter_name, args.adapter)
-    tokenizer = load_tokenizer(tok_source, args.trust_remote_code, padding_side="left")
-    model = load_base_model(
-        base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code
-    )
     members = posterior_class(getattr(args, "posterior", "map")).member_adapters
-    if args.adapter and not members:  # an ensemble-like posterior loads its member adapters itself
-        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-            raise InputError(f"--adapter {args.adapter!r}: no adapter_config.json there")
-        try:
-            model = PeftModel.from_pretrained(model, args.adapter)
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise InputError(
-                f"--adapter {args.adapter!r} does not fit --base_model: {str(err).splitlines()[0]}"
-            ) from None
-    if torch.cuda.is_available() and not (args.load_8bit or args.load_4bit):
-        model = model.to("cuda")
-    model.eval()
-    return model, tokenizer
+    load = options_from_args(LoadOptions, args)
+    return load_inference_model(args.base_model, None if members else args.adapter, load)
 
 
 def check_args(args) -> None:
@@ -209,9 +131,18 @@ def _progress(args, name: str):
 
 def _choice_probs(model, tokenizer, data: EvalSet, args, samples: int, label: str) -> list:
     return predictive.averaged_pair_probs(
-        model, tokenizer, data.pairs, args.batch_size, samples, args.seed, _progress(args, label),
-        args.choice_scoring, args.choice_norm, args.posterior_object, data.golds,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        data.pairs,
+        args.batch_size,
+        samples,
+        args.seed,
+        _progress(args, label),
+        args.choice_scoring,
+        args.choice_norm,
+        args.posterior_object,
+        data.golds,
+    )
 
 
 def evaluate_choice(model, tokenizer, data: EvalSet, args, samples: int) -> tuple[list[dict], dict, list]:
@@ -249,13 +180,13 @@ def evaluate_ood(model, tokenizer, data: EvalSet, ood: EvalSet, args, samples: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.models import check_base_model, load_prompter
-
     args = build_parser().parse_args(argv)
     quiet_progress_bars_off_terminal()
     check_args(args)
     check_base_model(args.base_model, args.trust_remote_code)  # a missing model is named before the data is read
-    prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer
+    prompter = load_prompter(
+        args.prompt_template, tokenizer_source(args.base_model, args.adapter), args.trust_remote_code
+    )  # chat: tokenizer
     data = load_eval_set(*resolve_dataset(args), args.limit, prompter, args.choice_format, args.choice_prefix)
     ood = None
     if args.ood_dataset or args.ood_data_path:

@@ -11,32 +11,23 @@ import importlib.util
 import sys
 from threading import Thread
 
+from peft_bayes.arguments import ArgumentParser
+from peft_bayes.cli import evaluate
 from peft_bayes.cli.common import (
-    ArgumentParser,
+    add_model_flags,
     add_recorded_flags,
     apply_recorded_settings,
     quiet_progress_bars_off_terminal,
-    str2bool,
 )
 from peft_bayes.errors import InputError
-from peft_bayes.models import model_device
+from peft_bayes.models import check_base_model, load_prompter, model_device, tokenizer_source
 
 QUIT_WORDS = ("exit", "quit", ":q")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base_model", required=True, help="local model directory, Hub id or smollm2-135m (packaged)")
-    p.add_argument("--adapter", "--lora_weights", dest="adapter", default=None, help="adapter folder (optional)")
-    p.add_argument(
-        "--adapter_name", default=None, help="optional: check that --adapter holds this kind (lora, adapterh, ...)"
-    )
-    p.add_argument(
-        "--prompt_template",
-        default=None,
-        help="template name or JSON file; chat: the tokenizer's (default: the one the adapter's train_args.json "
-        "records, else alpaca)",
-    )
+    add_model_flags(p, "adapter folder (optional)")
     p.add_argument("--instruction", default=None, help="one-shot mode: answer this instruction and exit")
     p.add_argument("--input", default=None, help="optional input section for --instruction")
     p.add_argument("--ui", action="store_true", help="start a Gradio page instead of the terminal REPL")
@@ -51,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="seed sampling for reproducible answers")
-    g.add_argument("--load_8bit", type=str2bool, nargs="?", const=True, default=False)
-    g.add_argument("--load_4bit", type=str2bool, nargs="?", const=True, default=False)
-    g.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
     add_recorded_flags(p)
     return p
 
@@ -177,9 +165,6 @@ def launch_ui(responder: Responder, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_bayes.cli.evaluate import load_eval_model, tokenizer_source
-    from peft_bayes.models import check_base_model, load_prompter
-
     args = build_parser().parse_args(argv)
     quiet_progress_bars_off_terminal()
     note = apply_recorded_settings(args, {"prompt_template": "alpaca"})
@@ -187,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     check_base_model(args.base_model, args.trust_remote_code)
     if args.ui and importlib.util.find_spec("gradio") is None:  # fail before minutes of model loading
         raise InputError("--ui needs gradio: pip install 'peft_bayes[ui]'")
-    prompter = load_prompter(args.prompt_template, tokenizer_source(args), args.trust_remote_code)  # chat: tokenizer
-    model, tokenizer = load_eval_model(args)
+    prompter = load_prompter(
+        args.prompt_template, tokenizer_source(args.base_model, args.adapter), args.trust_remote_code
+    )  # chat: tokenizer
+    model, tokenizer = evaluate.load_eval_model(args)  # the same loading and checks as evaluate.py
     if note:  # every check passed: the template taken from the adapter, in one line
         print(note, file=sys.stderr)
     responder = Responder(model, tokenizer, prompter, gen_kwargs, seed=args.seed)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 from peft_bayes.arguments import comma_list
-from peft_bayes.cli.common import progress_printer
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.fit_data import choice_scorer, fit_batches
+from peft_bayes.io import progress_printer
 from peft_bayes.posterior import POSTERIORS, Posterior, Workflow, posterior_class
 from peft_bayes.posterior.base import member_folders
 
@@ -42,10 +42,18 @@ def add_posterior_flags(p: argparse.ArgumentParser, training: bool) -> None:
         + (" during training" if training else "; auto: the adapter's own (bayeslora) or map; none = map"),
     )
     if not training:
-        g.add_argument("--fit_data_path", default=None, help="data to fit the posterior on: laplace, a train.json; "
-                       "temperature, a validation set with gold answers; tfb, an anchor set")  # fmt: skip
-        g.add_argument("--members", type=comma_list, default=None, help="ensemble / multiswag: more member adapter "
-                       "folders (comma-separated), beside --adapter")  # fmt: skip
+        g.add_argument(
+            "--fit_data_path",
+            default=None,
+            help="data to fit the posterior on: laplace, a train.json; "
+            "temperature, a validation set with gold answers; tfb, an anchor set",
+        )
+        g.add_argument(
+            "--members",
+            type=comma_list,
+            default=None,
+            help="ensemble / multiswag: more member adapter folders (comma-separated), beside --adapter",
+        )
     g.add_argument("--fit_limit", type=int, default=None, help="fit on the first N examples only")
     for cls in _table(training):
         cls.add_flags(p, training)
@@ -69,8 +77,10 @@ def check_posterior_flags(args) -> None:
     if cls.member_adapters:
         members = member_folders(args)
         if len(members) < 2:
-            raise InputError(f"--posterior {args.posterior} needs at least two member adapters (--adapter and "
-                             f"--members DIR,...), got {len(members)}")  # fmt: skip
+            raise InputError(
+                f"--posterior {args.posterior} needs at least two member adapters (--adapter and "
+                f"--members DIR,...), got {len(members)}"
+            )
     cls.check_args(args)
 
 

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 from peft_bayes.data.answers import _format_labels
 from peft_bayes.errors import InputError
+from peft_bayes.options import OptionEnum
 
 __all__ = [
     "CHOICE_FORMATS",
+    "ChoiceFormat",
     "ChoiceQuestion",
     "LETTER_PREFIX",
     "cloze_training_record",
@@ -42,7 +44,17 @@ __all__ = [
     "parse_choice_question",
 ]
 
-CHOICE_FORMATS = ("label", "cloze", "letter")
+
+class ChoiceFormat(OptionEnum):
+    """How a multiple-choice record is put to the model: its ``label`` after a prefix (LLM-Adapters), each option's
+    text as a ``cloze`` continuation of the question, or the lettered question's ``letter`` tokens (BLoB)."""
+
+    LABEL = "label"
+    CLOZE = "cloze"
+    LETTER = "letter"
+
+
+CHOICE_FORMATS = ChoiceFormat.values()
 LETTERS = "ABCDEFGHIJ"
 # The letter format's response before the scored letter: the context ends in "Answer:", the letter is " A".
 LETTER_PREFIX = "Answer: "

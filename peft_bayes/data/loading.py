@@ -12,6 +12,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from peft_bayes.data.answers import infer_task
+from peft_bayes.data.choices import (
+    LETTER_PREFIX,
+    cloze_training_record,
+    gold_index,
+    letter_instruction,
+    letter_labels,
+    parse_choice_question,
+)
 from peft_bayes.errors import InputError
 
 TRAIN_FIELDS = ("instruction", "output")
@@ -191,13 +200,6 @@ def tokenize_letter_record(record: dict, tokenizer, prompter, cutoff_len: int, w
     Raises:
         InputError: the record is not a parsable multiple-choice question, or a letter is not a single token.
     """
-    from peft_bayes.data.choices import (
-        LETTER_PREFIX,
-        gold_index,
-        letter_instruction,
-        letter_labels,
-        parse_choice_question,
-    )
 
     question = parse_choice_question(record, where)
     gold = gold_index(record, question.labels, where)
@@ -216,10 +218,38 @@ def tokenize_letter_record(record: dict, tokenizer, prompter, cutoff_len: int, w
 
 def is_choice_data(path: str) -> bool:
     """Whether the records of ``path`` are multiple choice (they have gold ``answer`` labels among options)."""
-    from peft_bayes.data.answers import infer_task
 
     try:
         records = load_records(path, required=("instruction", "answer"), split="train")
     except InputError:
         return False  # no gold answers: generation data
     return infer_task(records, os.path.splitext(os.path.basename(path))[0]).kind == "choice"
+
+
+def training_records(source: str, choice_format: str, val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of ``source`` as train.py fits them: with ``choice_format`` cloze, each
+    multiple-choice record becomes its question alone -> the gold option's text (what cloze evaluation scores)."""
+
+    records = load_records(source, split="train")
+    if choice_format == "cloze":
+        records = [cloze_training_record(r, f"{source}: record {i}") for i, r in enumerate(records)]
+    return split_train_val(records, val_set_size, seed)
+
+
+def tokenize_records(
+    records: Sequence[dict],
+    tokenizer,
+    prompter,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    choice_format: str,
+    where: str,
+) -> list[dict]:
+    """Every record tokenized for training: the letter format's context ids, K letter ids and gold index, else
+    ``tokenize_record``'s ids and labels. ``where`` names the data in errors."""
+    if choice_format == "letter":
+        return [
+            tokenize_letter_record(r, tokenizer, prompter, cutoff_len, f"{where}: record {i}")
+            for i, r in enumerate(records)
+        ]
+    return [tokenize_record(r, tokenizer, prompter, cutoff_len, train_on_inputs) for r in records]

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from peft_bayes.metrics import auroc, classification_report, reliability_diagram
+
 ECE_BINS = 15
 
 
@@ -40,14 +42,12 @@ def choice_rows(records, prompts, options, golds, probs, texts=None) -> list[dic
 
 def choice_metrics(probs: Sequence[torch.Tensor], golds: Sequence[int]) -> dict:
     """Accuracy (%), ECE (%), NLL (nats) and Brier of the averaged option distributions."""
-    from peft_bayes.metrics import classification_report
 
     return classification_report(probs_matrix(probs), torch.tensor(golds), n_bins=ECE_BINS)
 
 
 def ood_metrics(id_probs: Sequence[torch.Tensor], ood_probs: Sequence[torch.Tensor]) -> dict:
     """AUROC of the predictive entropy separating OOD (positive) from in-distribution examples."""
-    from peft_bayes.metrics import auroc
 
     id_h = [predictive_entropy(p) for p in id_probs]
     ood_h = [predictive_entropy(p) for p in ood_probs]
@@ -61,7 +61,6 @@ def ood_metrics(id_probs: Sequence[torch.Tensor], ood_probs: Sequence[torch.Tens
 
 def write_reliability(probs: Sequence[torch.Tensor], golds: Sequence[int], path: str, title: str) -> str | None:
     """Reliability diagram PNG of the averaged option distributions; None (with a note) without matplotlib."""
-    from peft_bayes.metrics import reliability_diagram
 
     try:
         return reliability_diagram(probs_matrix(probs), torch.tensor(golds), path, n_bins=ECE_BINS, title=title)

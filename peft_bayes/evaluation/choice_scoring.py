@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from peft_bayes.data.answers import TaskSpec
-from peft_bayes.data.choices import LETTER_PREFIX, ChoiceQuestion, gold_index, letter_labels
+from peft_bayes.data.choices import LETTER_PREFIX, ChoiceFormat, ChoiceQuestion, gold_index, letter_labels
 from peft_bayes.data.choices import example_options as _record_options
 from peft_bayes.data.loading import split_continuation
 from peft_bayes.errors import InputError
@@ -51,10 +51,59 @@ from peft_bayes.evaluation.packed_scoring import (
     shared_length,
 )
 from peft_bayes.models import model_device, pad_token_id
+from peft_bayes.options import OptionEnum, coerce_enums, option
 
 DEFAULT_PREFIX = "the correct answer is "
-SCORING_PATHS = ("shared", "cached", "full")
-CHOICE_NORMS = ("none", "tokens", "chars")
+
+
+class ScoringPath(OptionEnum):
+    """How the options' log-likelihoods are computed (the same numbers each way, see the module docstring)."""
+
+    SHARED = "shared"
+    CACHED = "cached"
+    FULL = "full"
+
+
+class ChoiceNorm(OptionEnum):
+    """An option's score: the summed log-likelihood, or per token / per character of the option (acc_norm)."""
+
+    NONE = "none"
+    TOKENS = "tokens"
+    CHARS = "chars"
+
+
+SCORING_PATHS, CHOICE_NORMS = ScoringPath.values(), ChoiceNorm.values()
+
+
+@dataclass
+class ChoiceOptions:
+    """How evaluation scores a multiple-choice set (evaluate.py's ``--choice_*`` flags)."""
+
+    format: ChoiceFormat | None = option(
+        None,
+        "multiple choice: label = score the option label after --choice_prefix (LLM-Adapters); cloze = score each "
+        "option's text as the response to the question alone (small models; lm-evaluation-harness); letter = the "
+        "lettered question, the K-way softmax over the letter tokens at 'Answer:' (BLoB, Laplace-LoRA, SWAG-LoRA)",
+        flag="choice_format",
+        default_text="cloze or letter where the adapter's train_args.json records it, else label",
+    )
+    prefix: str = option(
+        DEFAULT_PREFIX,
+        f"response text before the scored option label ('' scores the bare label) (default: {DEFAULT_PREFIX!r})",
+        flag="choice_prefix",
+    )
+    norm: ChoiceNorm = option(ChoiceNorm.NONE, ChoiceNorm.__doc__, flag="choice_norm")
+    scoring: ScoringPath = option(
+        ScoringPath.SHARED,
+        "shared = the shared prompt once: one packed row per example where the model allows (LLaMA, GPT-2, OPT, "
+        "GPT-J, GPT-NeoX), else from its KV cache; cached = the prompt once, the options from its KV cache; full = "
+        "every option as its own sequence (the reference path)",
+        flag="choice_scoring",
+    )
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
 
 Pair = tuple[str, str]  # (context text, continuation text) of one option
 
@@ -310,10 +359,7 @@ def score_pairs(
     Returns:
         One (len(pairs[i]),) float64 tensor per example, in input order.
     """
-    if scoring not in SCORING_PATHS:
-        raise InputError(f"--choice_scoring must be one of {'/'.join(SCORING_PATHS)}, got {scoring!r}")
-    if norm not in CHOICE_NORMS:
-        raise InputError(f"--choice_norm must be one of {'/'.join(CHOICE_NORMS)}, got {norm!r}")
+    ChoiceOptions(norm=norm, scoring=scoring)  # one-line errors for unknown values
     seqs = encoded if encoded is not None else [encode_pairs(tokenizer, p) for p in pairs]
     pad_id = pad_token_id(tokenizer)
     path = _batch_path(model, scoring)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft_bayes.data.answers import TaskSpec
+from peft_bayes.data import load_records
+from peft_bayes.data.answers import TASKS, TaskSpec, infer_task
+from peft_bayes.data.choices import letter_instruction, parse_choice_question
 from peft_bayes.evaluation import choice_scoring
 from peft_bayes.evaluation.choice_scoring import DEFAULT_PREFIX, example_options, gold_indices
 
@@ -31,8 +33,6 @@ def load_eval_set(name: str, path: str, limit: int | None, prompter, choice_form
     Multiple choice in the ``cloze`` format: each record's question and option texts are parsed out of its
     instruction, the prompt asks the question alone, and each option's text is the scored response.
     """
-    from peft_bayes.data import load_records
-    from peft_bayes.data.answers import TASKS, infer_task
 
     records = load_records(path, required=("instruction", "answer"), split="test")[:limit]
     task = TASKS[name] if name in TASKS else infer_task(records, name)
@@ -49,7 +49,6 @@ def load_eval_set(name: str, path: str, limit: int | None, prompter, choice_form
 
 def _parsed_eval_set(name: str, path: str, records: list[dict], task: TaskSpec, prompter, fmt: str) -> EvalSet:
     """The cloze and letter formats: the question and its options parsed out of each instruction."""
-    from peft_bayes.data.choices import letter_instruction, parse_choice_question
 
     where = [f"{path}: record {i}" for i in range(len(records))]
     questions = [parse_choice_question(r, w) for r, w in zip(records, where)]

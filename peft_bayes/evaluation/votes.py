@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from peft_bayes.data.answers import TaskSpec, extract_answer, is_correct
 from peft_bayes.evaluation.calibration import ECE_BINS
+from peft_bayes.metrics import auroc, confidence_calibration_error
 
 NO_ANSWER = "no answer"
 
@@ -48,7 +49,6 @@ def vote_rows(records, prompts, responses: list[list[str]], task: TaskSpec) -> l
 
 def vote_metrics(confidence: Sequence[float], correct: Sequence[bool]) -> dict:
     """Accuracy (%), ECE (%) of the vote share, and AUROC of the vote share for correct vs wrong answers."""
-    from peft_bayes.metrics import auroc, confidence_calibration_error
 
     n_right = sum(bool(c) for c in correct)
     out = {

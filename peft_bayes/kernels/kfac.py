@@ -262,9 +262,19 @@ def _row_sums_triton(x: torch.Tensor, mask: torch.Tensor | None, mean: bool) -> 
     block_d = min(128, max(16, triton.next_power_of_2(d)))
     m = mask if mask is not None else x
     _row_sums_kernel[(r, triton.cdiv(d, block_d))](
-        x, m, out, t, d, x.stride(0), x.stride(1), (mask.stride(0) if mask is not None else 0),
-        HAS_MASK=mask is not None, MEAN=mean, BLOCK_T=block_t, BLOCK_D=block_d,
-    )  # fmt: skip
+        x,
+        m,
+        out,
+        t,
+        d,
+        x.stride(0),
+        x.stride(1),
+        (mask.stride(0) if mask is not None else 0),
+        HAS_MASK=mask is not None,
+        MEAN=mean,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )
     return out
 
 

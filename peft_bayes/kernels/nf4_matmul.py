@@ -49,8 +49,9 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_ok = k < K
             x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            w = _dequant_tile(q_ptr, code_ptr, absmax_ptr, n[:, None], k[None, :], K, BLOCKSIZE,
-                              n_ok[:, None] & k_ok[None, :])  # fmt: skip
+            w = _dequant_tile(
+                q_ptr, code_ptr, absmax_ptr, n[:, None], k[None, :], K, BLOCKSIZE, n_ok[:, None] & k_ok[None, :]
+            )
             acc += _mm(x, tl.trans(w.to(x.dtype)), DOT_F32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -72,8 +73,9 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             n_ok = n < N
             dy = tl.load(dy_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-            w = _dequant_tile(q_ptr, code_ptr, absmax_ptr, n[:, None], k[None, :], K, BLOCKSIZE,
-                              n_ok[:, None] & k_ok[None, :])  # fmt: skip
+            w = _dequant_tile(
+                q_ptr, code_ptr, absmax_ptr, n[:, None], k[None, :], K, BLOCKSIZE, n_ok[:, None] & k_ok[None, :]
+            )
             acc += _mm(dy, w.to(dy.dtype), DOT_F32)
         tl.store(
             dx_ptr + t[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & k_ok[None, :]
@@ -115,9 +117,19 @@ class _Nf4Matmul(torch.autograd.Function):
         grid = (triton.cdiv(t, tiles["BLOCK_T"]), triton.cdiv(n, tiles["BLOCK_N"]))
         has_bias = bias is not None
         _nf4_fwd_kernel[grid](
-            x, packed, code, absmax, bias if has_bias else x, y, t, k, n, HAS_BIAS=has_bias, BLOCKSIZE=blocksize,
+            x,
+            packed,
+            code,
+            absmax,
+            bias if has_bias else x,
+            y,
+            t,
+            k,
+            n,
+            HAS_BIAS=has_bias,
+            BLOCKSIZE=blocksize,
             **tiles,
-        )  # fmt: skip
+        )
         ctx.save_for_backward(packed, code, absmax)
         ctx.meta = (t, k, n, blocksize)
         return y

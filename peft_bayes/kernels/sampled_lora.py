@@ -479,8 +479,11 @@ def add_sampled_lora(
             noise = draw_noise(tokens, tuple(std.shape), flipout, device=x.device, dtype=x.dtype)
         kw = {"a_std": std} if factor == "A" else {"b_std": std}
         return result + sampled_lora_delta(x, a, b, scaling, noise=noise, b_bias=b_bias, **kw).to(result.dtype)
-    if seed is None:
-        seed = draw_seed()
+    return _fused_into(result, x, a, b, std, float(scaling), draw_seed() if seed is None else seed, flipout)
+
+
+def _fused_into(result, x, a, b, std, scaling: float, seed: int, flipout: bool) -> torch.Tensor:
+    """The fused path of ``add_sampled_lora`` (A Bayesian or no noise, no bias, rank <= MAX_RANK)."""
     # In place into the base output, unless that is not allowed: a view under autograd (bitsandbytes' int8 matmul
     # returns one made inside its autograd Function on CUDA, and autograd forbids updating that in place) or a
     # non-contiguous tensor; those are copied once, as PEFT copies every base output.
@@ -492,7 +495,5 @@ def add_sampled_lora(
         x2, a, b, std = (v if v is None else v.to(cast) for v in (x2, a, b, std))
     a, b = a.contiguous(), b.contiguous()
     s = std.contiguous() if std is not None else a
-    flat = _FusedSampledLora.apply(
-        out.view(-1, out.shape[-1]), x2, a, s, b, float(scaling), seed, std is not None, flipout
-    )
+    flat = _FusedSampledLora.apply(out.view(-1, out.shape[-1]), x2, a, s, b, scaling, seed, std is not None, flipout)
     return flat.view(out.shape)

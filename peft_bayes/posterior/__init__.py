@@ -34,8 +34,18 @@ def register_posterior(cls: type[Posterior]) -> type[Posterior]:
     return cls
 
 
-for _cls in (AdapterDefault, PointEstimate, BayesLoraPosterior, Laplace, TemperatureScaling, Tfb, Ensemble, Swag,
-             MultiSwag, MCDropout):  # fmt: skip
+for _cls in (
+    AdapterDefault,
+    PointEstimate,
+    BayesLoraPosterior,
+    Laplace,
+    TemperatureScaling,
+    Tfb,
+    Ensemble,
+    Swag,
+    MultiSwag,
+    MCDropout,
+):
     register_posterior(_cls)
 
 

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -73,6 +73,23 @@ def pass_tick(progress: Progress | None, index: int, n_passes: int):
     if progress is None:
         return None
     return lambda done, n: progress(index * n + done, n_passes * n)
+
+
+@contextlib.contextmanager
+def swapped_weights(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Context with each of ``params`` holding the matching tensor of ``values`` (cast to its dtype and device): a
+    posterior sample or mean in the model. The original tensors are copied back on exit, bit for bit, even after an
+    exception."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v.reshape(p.shape).to(device=p.device, dtype=p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 @dataclass

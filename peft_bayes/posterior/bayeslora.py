@@ -13,17 +13,25 @@ The mean pass (N = 0) switches the noise off either way.
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
 from peft_bayes.errors import InputError
+from peft_bayes.options import OptionEnum
 from peft_bayes.posterior.base import Posterior
 from peft_bayes.posterior.point import PointEstimate
 from peft_bayes.tuners.bayeslora import fresh_draws, is_bayesian, posterior_sample, sampling
+from peft_bayes.tuners.catalogue import saved_peft_type
 
-DRAWS = ("forward", "pass")
+
+class EvalDraw(OptionEnum):
+    """What one evaluation sample of a BayesLoRA posterior draws (see the module docstring)."""
+
+    FORWARD = "forward"
+    PASS = "pass"
+
+
+DRAWS = EvalDraw.values()
 
 
 class BayesLoraPosterior(Posterior):
@@ -35,7 +43,7 @@ class BayesLoraPosterior(Posterior):
         if not is_bayesian(model):
             raise InputError("--posterior bayeslora needs an active BayesLoRA adapter; this model has none")
         if draw not in DRAWS:
-            raise InputError(f"--bayes_eval_draw must be one of {'/'.join(DRAWS)}, got {draw!r}")
+            raise InputError(f"draw must be one of {'/'.join(DRAWS)}, got {draw!r}")
         super().__init__(model)
         self.eval_draw = draw
 
@@ -54,18 +62,6 @@ class BayesLoraPosterior(Posterior):
         if self.eval_draw == "forward":
             return fresh_draws(self.model, seed)
         return posterior_sample(self.model, seed=seed)
-
-
-def saved_peft_type(adapter: str | None) -> str | None:
-    """The ``peft_type`` an adapter folder's ``adapter_config.json`` records (upper case), or None."""
-    path = os.path.join(adapter, "adapter_config.json") if adapter else None
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return str(json.load(f).get("peft_type", "")).upper()
-    except (OSError, ValueError, AttributeError):
-        return None  # loading the adapter reports it
 
 
 class AdapterDefault(Posterior):

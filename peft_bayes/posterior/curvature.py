@@ -23,8 +23,15 @@ import torch
 from torch import nn
 
 from peft_bayes.errors import InputError
+from peft_bayes.options import OptionEnum
 
-SUBSETS = ("all", "last_layer")
+
+class Subset(OptionEnum):
+    """Which adapter weights a Laplace posterior covers: ``all``, or the ``last_layer``'s (the adapters of the last
+    adapted module)."""
+
+    ALL = "all"
+    LAST_LAYER = "last_layer"
 
 
 @dataclass
@@ -58,8 +65,8 @@ def adapter_sites(model, subset: str = "all") -> list[Site]:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if subset not in SUBSETS:
-        raise InputError(f"--laplace_subset must be one of {'/'.join(SUBSETS)}, got {subset!r}")
+    if subset not in Subset.values():
+        raise InputError(f"subset must be one of {'/'.join(Subset.values())}, got {subset!r}")
     adapter = _active_adapter(model)
     layers: list[list[Site]] = []
     for name, module in model.named_modules():

@@ -78,7 +78,11 @@ def close_process_group(timeout_s: float = 120.0) -> None:
 
     threading.Thread(target=destroy, name="destroy_process_group", daemon=True).start()
     if not done.wait(timeout_s):
-        print(f"warning: torch.distributed.destroy_process_group did not return within {timeout_s:.0f} s; exiting "
-              "(every rank had finished and the outputs are written)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"warning: torch.distributed.destroy_process_group did not return within {timeout_s:.0f} s; exiting "
+            "(every rank had finished and the outputs are written)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         os._exit(0)

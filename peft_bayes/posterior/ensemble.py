@@ -19,10 +19,9 @@ from typing import ClassVar
 import torch
 
 from peft_bayes.errors import InputError
-from peft_bayes.io import read_json
 from peft_bayes.posterior.base import Posterior, Progress, member_folders, pass_tick
+from peft_bayes.tuners.catalogue import ADAPTER_CONFIG, read_adapter_config
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -34,10 +33,7 @@ def read_member(folder: str, label: str = "ensemble") -> dict:
         raise InputError(f"{label} member {folder}: not an adapter folder (no {ADAPTER_CONFIG})")
     if not any(os.path.isfile(os.path.join(folder, w)) for w in ADAPTER_WEIGHTS):
         raise InputError(f"{label} member {folder}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
-    config = read_json(path)
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise InputError(f"{path}: not a PEFT adapter config (no peft_type)")
-    return config
+    return read_adapter_config(folder)
 
 
 def check_members(folders: Sequence[str], label: str = "ensemble") -> dict:

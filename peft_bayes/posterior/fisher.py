@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from peft_bayes.errors import InputError
 from peft_bayes.posterior.curvature import (
     Recorder,
     Site,
     per_unit_gradients,
     rows_tokens,
 )
+from peft_bayes.posterior.distributed import all_reduce_sum_
 from peft_bayes.posterior.kfac_stats import KronStats
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, lm_logits, row_scores, scores_matrix
 from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock
@@ -28,8 +30,6 @@ from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBloc
 
 def _gold(labels: torch.Tensor, what: str) -> torch.Tensor:
     if (labels < 0).any():
-        from peft_bayes.errors import InputError
-
         raise InputError(f"the {what} likelihood needs the gold answer of every fit example")
     return labels
 
@@ -163,7 +163,6 @@ class CurvatureAccumulator:
 
     def all_reduce(self) -> None:
         """Sums the statistics over the ranks of ``torchrun`` (no-op in one process)."""
-        from peft_bayes.posterior.distributed import all_reduce_sum_
 
         if self.structure == "kron":
             self.kron.all_reduce()

@@ -17,18 +17,35 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
 
-from peft_bayes.arguments import str2bool
-from peft_bayes.errors import InputError, did_you_mean
-from peft_bayes.posterior.base import OptionScorer, Posterior, posterior_folder, require_adapter, weights_fingerprint
+from peft_bayes.errors import InputError
+from peft_bayes.options import (
+    OptionEnum,
+    add_option_flags,
+    coerce_enums,
+    flags_of,
+    option,
+    option_values,
+    options_from_args,
+    require,
+    with_flag_names,
+)
+from peft_bayes.posterior.base import (
+    OptionScorer,
+    Posterior,
+    posterior_folder,
+    require_adapter,
+    swapped_weights,
+    weights_fingerprint,
+)
 from peft_bayes.posterior.curvature import (
-    SUBSETS,
     Recorder,
     Site,
+    Subset,
     adapter_sites,
     per_unit_gradients,
     rows_tokens,
@@ -40,13 +57,45 @@ from peft_bayes.posterior.likelihood import ChoiceBatch, LMBatch, row_scores, sc
 from peft_bayes.posterior.lowrank import LowRankKronBlock
 from peft_bayes.posterior.structures import CurvatureBlock, DenseBlock, DiagBlock, KronBlock
 
-STRUCTURES = ("kron", "diag", "full")
-LIKELIHOODS = ("choice", "lm")
-FISHERS = ("empirical", "mc", "exact")
-KFAC_MODES = ("expand", "reduce")
-PRIOR_METHODS = ("marglik", "val", "fixed")
-LINKS = ("probit", "mc")
-PREDICTIVES = ("glm", "nn")
+
+class Structure(OptionEnum):
+    KRON = "kron"
+    DIAG = "diag"
+    FULL = "full"
+
+
+class Likelihood(OptionEnum):
+    CHOICE = "choice"
+    LM = "lm"
+
+
+class Fisher(OptionEnum):
+    EMPIRICAL = "empirical"
+    MC = "mc"
+    EXACT = "exact"
+
+
+class KfacMode(OptionEnum):
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+class PriorMethod(OptionEnum):
+    MARGLIK = "marglik"
+    VAL = "val"
+    FIXED = "fixed"
+
+
+class Link(OptionEnum):
+    PROBIT = "probit"
+    MC = "mc"
+
+
+class Predictive(OptionEnum):
+    GLM = "glm"
+    NN = "nn"
+
+
 BLOCK_TYPES: dict[str, type[CurvatureBlock]] = {
     "kron": KronBlock,
     "kron_lowrank": LowRankKronBlock,
@@ -58,59 +107,83 @@ PRIOR_GRID = tuple(10.0 ** (k / 4) for k in range(-12, 25))  # 1e-3 ... 1e6, fou
 Progress = Callable[[int, int], None]
 
 
-def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise InputError(f"--{flag} must be one of {'/'.join(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
-
-
 @dataclass
 class LaplaceOptions:
-    """Settings of a Laplace posterior (each a ``--laplace_*`` / ``--prior_*`` / ``--link`` flag of the scripts)."""
+    """Settings of a Laplace posterior. ``stage="fit"`` fields shape the fit (a saved posterior keeps them);
+    ``stage="eval"`` fields only how it predicts, and may be changed when a saved one is reused."""
 
-    subset: str = "all"
-    structure: str = "kron"
-    likelihood: str = "choice"
-    fisher: str = "mc"
-    kfac: str = "expand"
-    fisher_samples: int = 1  # label samples per example of the mc Fisher
-    prior_precision: float = 1.0  # the start of the marglik search, or the value with prior_method fixed
-    prior_method: str = "marglik"
-    prior_per_layer: bool = False
-    predictive: str = "glm"
-    link: str = "probit"
-    seed: int = 0  # label sampling of the mc Fisher
-    kfac_rank: int | None = None  # factors wider than kfac_threshold: top-k eigenpairs + one scalar (None: dense)
-    kfac_threshold: int = 2048
-    grad_batch_size: int = 4  # examples per differentiable batch of the GLM predictive (memory: a training batch)
+    subset: Subset = option(
+        Subset.ALL, "all adapters, or the last adapted module's", flag="laplace_subset", stage="fit"
+    )
+    structure: Structure = option(Structure.KRON, "curvature structure", flag="laplace_structure", stage="fit")
+    likelihood: Likelihood = option(
+        Likelihood.CHOICE,
+        "choice (a categorical over the options) or lm (the response tokens)",
+        flag="laplace_likelihood",
+        stage="fit",
+        default_text="choice for multiple-choice data, else lm",
+    )
+    fisher: Fisher = option(
+        Fisher.MC,
+        "curvature: empirical Fisher, mc (sampled labels) or exact (every option)",
+        flag="laplace_fisher",
+        stage="fit",
+    )
+    kfac: KfacMode = option(KfacMode.EXPAND, "K-FAC over tokens", flag="laplace_kfac", stage="fit")
+    fisher_samples: int = option(
+        1, "label samples per example of the mc Fisher", flag="laplace_fisher_samples", stage="fit"
+    )
+    prior_precision: float = option(
+        1.0, "fixed / initial prior precision (the start of the marglik search)", stage="fit"
+    )
+    prior_method: PriorMethod = option(PriorMethod.MARGLIK, "prior precision tuning", stage="fit")
+    prior_per_layer: bool = option(False, "one prior precision per weight matrix", stage="fit")
+    predictive: Predictive = option(
+        Predictive.GLM, "glm (linearised) or nn (weight samples)", flag="laplace_predictive", stage="eval"
+    )
+    link: Link = option(Link.PROBIT, "GLM link: probit (closed form) or mc", stage="eval")
+    seed: int = option(0, "label sampling of the mc Fisher (the scripts: --seed)", flag=False)
+    kfac_rank: int | None = option(
+        None,
+        "K-FAC factors wider than --kfac_threshold kept as their top-k eigenpairs "
+        "+ one scalar (streamed; default: dense)",
+        stage="fit",
+    )
+    kfac_threshold: int = option(2048, "width above which --kfac_rank applies", stage="fit")
+    grad_batch_size: int = option(
+        4,
+        "examples per differentiable batch of the fit and the GLM predictive (each "
+        "keeps a forward pass's graph, like a training micro-batch)",
+        flag="laplace_batch_size",
+        stage="eval",
+    )
 
     def __post_init__(self) -> None:
-        for flag, value, allowed in (
-            ("laplace_subset", self.subset, SUBSETS),
-            ("laplace_structure", self.structure, STRUCTURES),
-            ("laplace_likelihood", self.likelihood, LIKELIHOODS),
-            ("laplace_fisher", self.fisher, FISHERS),
-            ("laplace_kfac", self.kfac, KFAC_MODES),
-            ("prior_method", self.prior_method, PRIOR_METHODS),
-            ("laplace_predictive", self.predictive, PREDICTIVES),
-            ("link", self.link, LINKS),
-        ):
-            _choice(flag, value, allowed)
-        if not (self.prior_precision > 0 and math.isfinite(self.prior_precision)):
-            raise InputError(f"--prior_precision must be a positive number, got {self.prior_precision}")
-        if self.kfac_rank is not None and (self.kfac_rank < 1 or self.structure != "kron"):
-            raise InputError(f"--kfac_rank needs --laplace_structure kron and a positive rank, got {self.kfac_rank}")
-        if self.kfac_threshold < 1:
-            raise InputError(f"--kfac_threshold must be a positive width, got {self.kfac_threshold}")
-        if self.grad_batch_size < 1:
-            raise InputError(f"--laplace_batch_size must be a positive number of examples, got {self.grad_batch_size}")
-        if self.fisher_samples < 1:
-            raise InputError(f"--laplace_fisher_samples must be positive, got {self.fisher_samples}")
-        if self.fisher == "exact" and self.likelihood != "choice":
-            raise InputError("--laplace_fisher exact needs --laplace_likelihood choice (every option is a class)")
-        if self.prior_per_layer and self.structure == "full":
-            raise InputError("--prior_per_layer needs --laplace_structure kron or diag (full is one block)")
-        if self.prior_per_layer and self.prior_method == "val":
-            raise InputError("--prior_per_layer is tuned by --prior_method marglik (val searches one scalar)")
+        coerce_enums(self)
+        p = self.prior_precision
+        require(p > 0 and math.isfinite(p), f"`prior_precision` must be a positive number, got {p}")
+        require(
+            self.kfac_rank is None or (self.kfac_rank >= 1 and self.structure == "kron"),
+            f"`kfac_rank` needs `structure` kron and a positive rank, got {self.kfac_rank}",
+        )
+        require(self.kfac_threshold >= 1, f"`kfac_threshold` must be a positive width, got {self.kfac_threshold}")
+        require(
+            self.grad_batch_size >= 1,
+            f"`grad_batch_size` must be a positive number of examples, got {self.grad_batch_size}",
+        )
+        require(self.fisher_samples >= 1, f"`fisher_samples` must be positive, got {self.fisher_samples}")
+        require(
+            self.fisher != "exact" or self.likelihood == "choice",
+            "`fisher` exact needs `likelihood` choice (every option is a class)",
+        )
+        require(
+            not (self.prior_per_layer and self.structure == "full"),
+            "`prior_per_layer` needs `structure` kron or diag (full is one block)",
+        )
+        require(
+            not (self.prior_per_layer and self.prior_method == "val"),
+            "`prior_per_layer` is tuned by `prior_method` marglik (val searches one scalar)",
+        )
 
 
 def sites_fingerprint(sites: Sequence[Site]) -> str:
@@ -118,28 +191,11 @@ def sites_fingerprint(sites: Sequence[Site]) -> str:
     return weights_fingerprint([s.weight for s in sites], [s.name for s in sites])
 
 
-# flag -> LaplaceOptions field: the fit settings, then the ones a saved posterior also takes
-FIT_FLAGS = {
-    "laplace_subset": "subset",
-    "laplace_structure": "structure",
-    "laplace_likelihood": "likelihood",
-    "laplace_fisher": "fisher",
-    "laplace_fisher_samples": "fisher_samples",
-    "laplace_kfac": "kfac",
-    "prior_method": "prior_method",
-    "prior_precision": "prior_precision",
-    "prior_per_layer": "prior_per_layer",
-    "kfac_rank": "kfac_rank",
-    "kfac_threshold": "kfac_threshold",
-}
-EVAL_FLAGS = {"laplace_predictive": "predictive", "link": "link", "laplace_batch_size": "grad_batch_size"}
-
-
 class Laplace(Posterior):
     """Laplace posterior over the adapter weight matrices of a ``PeftModel`` (see the module docstring)."""
 
     name: ClassVar[str] = "laplace"
-    accepts: ClassVar[tuple[str, ...]] = (*FIT_FLAGS, *EVAL_FLAGS, "val_data_path", "fit_data_path", "fit_limit")
+    accepts: ClassVar[tuple[str, ...]] = (*flags_of(LaplaceOptions), "val_data_path", "fit_data_path", "fit_limit")
     train_time: ClassVar[bool] = True  # train.py --posterior laplace: fitted on the training data after training
 
     def __init__(self, model, options: LaplaceOptions | None = None, **kwargs) -> None:
@@ -360,48 +416,25 @@ class Laplace(Posterior):
     def add_flags(cls, parser, training: bool) -> None:
         g = parser.add_argument_group("Laplace (train.py and evaluate.py --posterior laplace)")
         g.add_argument("--val_data_path", default=None, help="validation data of --prior_method val")
-        g.add_argument("--laplace_subset", default=None, choices=SUBSETS, help="all adapters, or the last adapted "
-                       "module's")  # fmt: skip
-        g.add_argument("--laplace_structure", default=None, choices=STRUCTURES, help="curvature structure "
-                       "(default kron)")  # fmt: skip
-        g.add_argument("--laplace_likelihood", default=None, choices=LIKELIHOODS, help="choice (options) or lm "
-                       "(response tokens); default: choice for multiple-choice data, else lm")  # fmt: skip
-        g.add_argument("--laplace_fisher", default=None, choices=FISHERS, help="default mc")
-        g.add_argument("--laplace_fisher_samples", type=int, default=None, help="label samples of the mc Fisher (1)")
-        g.add_argument("--laplace_kfac", default=None, choices=KFAC_MODES, help="K-FAC over tokens (default expand)")
-        g.add_argument("--kfac_rank", type=int, default=None, help="K-FAC factors wider than --kfac_threshold kept "
-                       "as their top-k eigenpairs + one scalar (streamed; default: dense)")  # fmt: skip
-        g.add_argument("--kfac_threshold", type=int, default=None, help="width above which --kfac_rank applies "
-                       "(2048)")  # fmt: skip
-        g.add_argument("--prior_method", default=None, choices=PRIOR_METHODS, help="prior precision tuning "
-                       "(marglik)")  # fmt: skip
-        g.add_argument("--prior_precision", type=float, default=None, help="fixed / initial prior precision (1.0)")
-        g.add_argument("--prior_per_layer", type=str2bool, nargs="?", const=True, default=None, help="one per "
-                       "weight")  # fmt: skip
-        g.add_argument("--laplace_predictive", default=None, choices=PREDICTIVES, help="glm (default) or nn samples")
-        g.add_argument("--link", default=None, choices=LINKS, help="GLM link: probit (default, closed form) or mc")
-        g.add_argument("--laplace_batch_size", type=int, default=None, help="examples per differentiable batch of "
-                       "the fit and the GLM predictive (4; each keeps a forward pass's graph, like a training "
-                       "micro-batch)")  # fmt: skip
+        add_option_flags(g, LaplaceOptions)
 
     @classmethod
     def check_args(cls, args) -> None:
         fit_path = getattr(args, "fit_data_path", None)
         if fit_path is None and hasattr(args, "fit_data_path"):  # evaluate.py reusing a saved posterior
-            fit_only = [f for f in (*FIT_FLAGS, "val_data_path", "fit_limit") if getattr(args, f, None) is not None]
+            fit_flags = [*flags_of(LaplaceOptions, stage="fit"), "val_data_path", "fit_limit"]
+            fit_only = [f for f in fit_flags if getattr(args, f, None) is not None]
             if fit_only:
                 raise InputError(f"--{fit_only[0]} is a fit setting: give --fit_data_path to fit the posterior again")
         if args.prior_method == "val" and not args.val_data_path:
             raise InputError("--prior_method val needs --val_data_path (validation examples with gold answers)")
+        cls.options_from_args(args, choice_data=True)  # the options' own checks, naming the flags
 
     @staticmethod
     def options_from_args(args, choice_data: bool) -> LaplaceOptions:
         """LaplaceOptions from the flags (the dataclass defaults where a flag was not given)."""
-        values = {name: getattr(args, flag) for flag, name in {**FIT_FLAGS, **EVAL_FLAGS}.items()}
-        values = {k: v for k, v in values.items() if v is not None}
-        values.setdefault("likelihood", "choice" if choice_data else "lm")
-        values["seed"] = getattr(args, "seed", 0)
-        return LaplaceOptions(**values)
+        likelihood = getattr(args, "laplace_likelihood", None) or ("choice" if choice_data else "lm")
+        return options_from_args(LaplaceOptions, args, likelihood=likelihood, seed=getattr(args, "seed", 0))
 
     @classmethod
     def fit_and_save(cls, work, fit_path: str, folder: str) -> Laplace:
@@ -415,8 +448,10 @@ class Laplace(Posterior):
         size = options.grad_batch_size  # a training-sized batch: the fit keeps the whole graph of a forward pass
         batches = work.batches(fit_path, args.fit_limit, options.likelihood, size)
         t0 = time.perf_counter()
-        posterior.fit(batches, None if quiet else work.progress(f"Laplace fit ({options.structure}, "
-                                                                f"{options.likelihood}), examples"))  # fmt: skip
+        posterior.fit(
+            batches,
+            None if quiet else work.progress(f"Laplace fit ({options.structure}, {options.likelihood}), examples"),
+        )
         if options.prior_method == "val":
             posterior.tune_prior_on_validation(work.batches(args.val_data_path, None, options.likelihood, size))
         posterior.fit_seconds = time.perf_counter() - t0
@@ -444,9 +479,8 @@ class Laplace(Posterior):
         if not os.path.isdir(folder):
             raise InputError(f"no saved Laplace posterior in {folder}: give --fit_data_path to fit one")
         posterior = cls.load_saved(work.model, folder)
-        for flag, name in EVAL_FLAGS.items():
-            if getattr(args, flag) is not None:
-                setattr(posterior.options, name, getattr(args, flag))
+        changes = option_values(LaplaceOptions, args, stage="eval")  # how it predicts may change; not the fit
+        posterior.options = with_flag_names(LaplaceOptions, lambda: replace(posterior.options, **changes))
         return posterior
 
     @classmethod
@@ -519,20 +553,11 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _perturbed(laplace: Laplace, seed: int):
-    sites = laplace.sites
+def _perturbed(laplace: Laplace, seed: int) -> contextlib.AbstractContextManager:
+    """The site weights moved by one draw of the posterior (seeded), restored on exit."""
     eps = laplace.draw(torch.Generator().manual_seed(seed))
-    saved = [s.weight.detach().clone() for s in sites]
-    with torch.no_grad():
-        for site, e in zip(sites, eps):
-            site.weight.add_(e.to(device=site.weight.device, dtype=site.weight.dtype))
-    try:
-        yield laplace.model
-    finally:
-        with torch.no_grad():
-            for site, w in zip(sites, saved):
-                site.weight.copy_(w)
+    weights = [s.weight for s in laplace.sites]
+    return swapped_weights(weights, [w + e.to(device=w.device, dtype=w.dtype) for w, e in zip(weights, eps)])
 
 
 def glm_probabilities(

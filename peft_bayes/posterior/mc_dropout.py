@@ -14,12 +14,14 @@ alike, and is removed when the pass ends.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from peft_bayes.errors import InputError
+from peft_bayes.options import add_option_flags, flags_of, option, options_from_args, require
 from peft_bayes.posterior.base import Posterior
 
 
@@ -120,6 +122,21 @@ class DropoutMasks:
         self._handles = []
 
 
+@dataclass
+class MCDropoutOptions:
+    """Settings of MC dropout."""
+
+    rate: float | None = option(
+        None,
+        "mc_dropout: the dropout rate of every adapter dropout module",
+        flag="mc_dropout_rate",
+        default_text="the adapter's own",
+    )
+
+    def __post_init__(self) -> None:
+        require(self.rate is None or 0.0 <= self.rate < 1.0, f"`rate` must be in [0, 1), got {self.rate}")
+
+
 class MCDropout(Posterior):
     """MC dropout over the active adapter of a ``PeftModel`` (see the module docstring).
 
@@ -131,12 +148,11 @@ class MCDropout(Posterior):
 
     name: ClassVar[str] = "mc_dropout"
     default_samples: ClassVar[int] = 10
-    accepts: ClassVar[tuple[str, ...]] = ("mc_dropout_rate",)
+    accepts: ClassVar[tuple[str, ...]] = tuple(flags_of(MCDropoutOptions))
 
     def __init__(self, model, rate: float | None = None) -> None:
         super().__init__(model)
-        if rate is not None and not 0.0 <= rate < 1.0:
-            raise InputError(f"the MC dropout rate must be in [0, 1), got {rate}")
+        MCDropoutOptions(rate)  # a one-line error for a rate outside [0, 1)
         found = dropout_modules(model)
         if not found:
             raise InputError(
@@ -172,18 +188,15 @@ class MCDropout(Posterior):
     @classmethod
     def add_flags(cls, parser, training: bool) -> None:
         if not training:
-            parser.add_argument("--mc_dropout_rate", type=float, default=None, help="mc_dropout: the dropout rate "
-                                "(default: the adapter's own)")  # fmt: skip
+            add_option_flags(parser, MCDropoutOptions)
 
     @classmethod
     def check_args(cls, args) -> None:
-        rate = getattr(args, "mc_dropout_rate", None)
-        if rate is not None and not 0 <= rate < 1:
-            raise InputError(f"--mc_dropout_rate must be in [0, 1), got {rate}")
+        options_from_args(MCDropoutOptions, args)
 
     @classmethod
     def from_args(cls, work) -> MCDropout:
-        return cls(work.model, rate=work.args.mc_dropout_rate)
+        return cls(work.model, rate=options_from_args(MCDropoutOptions, work.args).rate)
 
     def summary(self) -> dict:
         """Its settings and the rates in use (the adapter's own where no --mc_dropout_rate)."""

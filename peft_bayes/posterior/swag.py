@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -38,16 +38,42 @@ from transformers import TrainerCallback
 from peft_bayes.arguments import str2bool
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_files_into
-from peft_bayes.posterior.base import Posterior, posterior_folder, read_saved, require_adapter, weights_fingerprint
+from peft_bayes.options import (
+    OptionEnum,
+    OptionError,
+    add_option_flags,
+    coerce_enums,
+    flag_name,
+    flags_of,
+    option,
+    option_values,
+    options_from_args,
+    require,
+    with_flag_names,
+)
+from peft_bayes.posterior.base import (
+    Posterior,
+    posterior_folder,
+    read_saved,
+    require_adapter,
+    swapped_weights,
+    weights_fingerprint,
+)
 from peft_bayes.posterior.distributed import barrier, is_main_process
 
-ANNEAL_STRATEGIES = ("constant", "linear", "cosine")
+
+class AnnealStrategy(OptionEnum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
 ADAPTER = "{adapter}"  # stands for the adapter's name in the saved parameter names
 
 
 @dataclass
 class SwagOptions:
-    """Settings of SWAG collection and sampling (each a ``--swag_*`` flag of the scripts).
+    """Settings of SWAG collection and sampling (``stage="train"``: train.py's; the sample scale: both scripts').
 
     Args:
         start_epoch: Collection starts after this many epochs (a float: 1.5 = half way through epoch 2).
@@ -62,40 +88,48 @@ class SwagOptions:
         sample_scale: s, the factor on the standard deviation of a sample (0: the SWA mean).
     """
 
-    start_epoch: float | None = None
-    start_step: int | None = None
-    learning_rate: float | None = None
-    anneal_epochs: float = 0.0
-    anneal_strategy: str = "constant"
-    collect_every: int | None = None
-    max_num_models: int = 20
-    cov_mat: bool = True
-    sample_scale: float = 1.0
+    start_epoch: float | None = option(None, flag="swag_start", stage="train", hand_written=True)
+    start_step: int | None = option(None, flag="swag_start", stage="train", hand_written=True)
+    learning_rate: float | None = option(
+        None, "learning rate from the start on (default: keep the schedule)", flag="swag_learning_rate", stage="train"
+    )
+    anneal_epochs: float = option(0.0, "epochs to anneal to it", flag="swag_anneal_epochs", stage="train")
+    anneal_strategy: AnnealStrategy = option(
+        AnnealStrategy.CONSTANT, "how the learning rate reaches it", flag="swag_anneal_strategy", stage="train"
+    )
+    collect_every: int | None = option(
+        None, "collect every N optimizer steps (default: once an epoch)", flag="swag_collect_every", stage="train"
+    )
+    max_num_models: int = option(20, "deviation columns K", flag="swag_max_num_models", stage="train")
+    cov_mat: bool = option(
+        True, "low-rank + diagonal covariance (true) or diagonal only", flag="swag_cov_mat", stage="train"
+    )
+    sample_scale: float = option(
+        1.0, "factor on the sample standard deviation (0: the SWA mean)", flag="swag_sample_scale", stage="sample"
+    )
 
     def __post_init__(self) -> None:
-        if self.start_epoch is not None and self.start_step is not None:
-            raise InputError("--swag_start is either an epoch or a step, not both")
-        if self.start_epoch is not None and not (math.isfinite(self.start_epoch) and self.start_epoch >= 0):
-            raise InputError(f"--swag_start must be a non-negative epoch, got {self.start_epoch}")
-        if self.start_step is not None and self.start_step < 0:
-            raise InputError(f"--swag_start must be a non-negative step, got {self.start_step}")
-        lr = self.learning_rate
-        if lr is not None and not (math.isfinite(lr) and lr >= 0):
-            raise InputError(f"--swag_learning_rate must be a non-negative number, got {lr}")
-        if not (math.isfinite(self.anneal_epochs) and self.anneal_epochs >= 0):
-            raise InputError(f"--swag_anneal_epochs must be a non-negative number, got {self.anneal_epochs}")
-        if self.anneal_strategy not in ANNEAL_STRATEGIES:
-            raise InputError(
-                f"--swag_anneal_strategy must be one of {'/'.join(ANNEAL_STRATEGIES)}, got {self.anneal_strategy!r}"
-            )
-        if self.collect_every is not None and self.collect_every < 0:
-            raise InputError(f"--swag_collect_every must be a number of steps >= 0, got {self.collect_every}")
-        if self.max_num_models < 2 and self.cov_mat:
-            raise InputError(
-                f"--swag_max_num_models must be at least 2 with --swag_cov_mat true, got {self.max_num_models}"
-            )
-        if not (math.isfinite(self.sample_scale) and self.sample_scale >= 0):
-            raise InputError(f"--swag_sample_scale must be a non-negative number, got {self.sample_scale}")
+        coerce_enums(self)
+        epoch, step, lr = self.start_epoch, self.start_step, self.learning_rate
+        require(epoch is None or step is None, "`start_epoch` is either an epoch or a step, not both")
+        require(
+            epoch is None or (math.isfinite(epoch) and epoch >= 0),
+            f"`start_epoch` must be a non-negative epoch, got {epoch}",
+        )
+        require(step is None or step >= 0, f"`start_step` must be a non-negative step, got {step}")
+        require(
+            lr is None or (math.isfinite(lr) and lr >= 0), f"`learning_rate` must be a non-negative number, got {lr}"
+        )
+        a = self.anneal_epochs
+        require(math.isfinite(a) and a >= 0, f"`anneal_epochs` must be a non-negative number, got {a}")
+        every = self.collect_every
+        require(every is None or every >= 0, f"`collect_every` must be a number of steps >= 0, got {every}")
+        require(
+            self.max_num_models >= 2 or not self.cov_mat,
+            f"`max_num_models` must be at least 2 with `cov_mat` true, got {self.max_num_models}",
+        )
+        s = self.sample_scale
+        require(math.isfinite(s) and s >= 0, f"`sample_scale` must be a non-negative number, got {s}")
 
 
 def parse_swag_start(text: str) -> dict:
@@ -111,7 +145,9 @@ def parse_swag_start(text: str) -> dict:
     try:
         return {"start_epoch": float(value), "start_step": None}
     except ValueError:
-        raise InputError(f"--swag_start must be an epoch (2, 1.5) or a step count (300steps), got {text!r}") from None
+        raise OptionError(
+            f"`start_epoch` must be an epoch (2, 1.5) or a step count (300steps), got {text!r}"
+        ) from None
 
 
 # --- the parameters SWAG covers ------------------------------------------------------------------------------------
@@ -148,23 +184,9 @@ def flatten(params: Sequence[torch.Tensor], device: str | torch.device = "cpu") 
     return torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64) for p in params])
 
 
-@contextlib.contextmanager
-def loaded(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> Iterator[None]:
-    """Context with the flat (P,) vector ``flat`` in ``params`` (cast to each one's dtype); the original tensors are
-    copied back on exit, bit for bit, even after an exception."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.copy_(flat[offset : offset + n].view(p.shape).to(device=p.device, dtype=p.dtype))
-            offset += n
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+def loaded(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context with the flat (P,) vector ``flat`` in ``params`` (cast to each one's dtype), restored on exit."""
+    return swapped_weights(params, flat.split([p.numel() for p in params]))
 
 
 # --- collection ------------------------------------------------------------------------------------------------------
@@ -186,8 +208,16 @@ class SwagCollector(TrainerCallback):
     learning rate it used (first parameter group).
     """
 
-    def __init__(self, model, options: SwagOptions | None = None, steps_per_epoch: int | None = None, device="cpu"):
+    def __init__(
+        self,
+        model,
+        options: SwagOptions | None = None,
+        steps_per_epoch: int | None = None,
+        device="cpu",
+        name_of: Callable[[str], str] | None = None,
+    ):
         self.model, self.options = model, options or SwagOptions()
+        self.name_of = name_of  # how errors name the options' fields (the scripts: their flags)
         self.adapter_name = getattr(model, "active_adapter", "default")
         self.names = trainable_names(model, self.adapter_name)
         self.params = _lookup(model, self.names, self.adapter_name)
@@ -230,10 +260,12 @@ class SwagCollector(TrainerCallback):
             self.steps_per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
         self.start = self.start_step(state.max_steps)
         if self.start >= state.max_steps:
-            raise InputError(
-                f"--swag_start is at step {self.start}, at or after the end of training ({state.max_steps} steps): "
-                "no model would be collected"
+            field = "start_step" if self.options.start_step is not None else "start_epoch"
+            err = OptionError(
+                f"`{field}` is at step {self.start}, at or after the end of training ({state.max_steps} steps): no "
+                "model would be collected"
             )
+            raise InputError(err.render(self.name_of)) if self.name_of else err
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         # Runs after the Trainer's scheduler set this step's learning rate: override it from the start on.
@@ -290,25 +322,18 @@ class SwagCollector(TrainerCallback):
 
 
 # --- the posterior ---------------------------------------------------------------------------------------------------
-# train.py's SWAG collection flags -> SwagOptions fields (--swag_start is parsed by parse_swag_start)
-SWAG_TRAIN_FLAGS = {
-    "swag_learning_rate": "learning_rate",
-    "swag_anneal_epochs": "anneal_epochs",
-    "swag_anneal_strategy": "anneal_strategy",
-    "swag_collect_every": "collect_every",
-    "swag_max_num_models": "max_num_models",
-    "swag_cov_mat": "cov_mat",
-}
+def _swag_flag(name: str) -> str:
+    return "--" + flag_name(SwagOptions, name)
 
 
 def swag_options(args) -> SwagOptions:
     """SwagOptions from train.py's flags (the dataclass defaults where a flag was not given)."""
-    values = {name: getattr(args, flag) for flag, name in SWAG_TRAIN_FLAGS.items() if getattr(args, flag) is not None}
-    if args.swag_start is not None:
-        values.update(parse_swag_start(args.swag_start))
-    if args.swag_sample_scale is not None:
-        values["sample_scale"] = args.swag_sample_scale
-    return SwagOptions(**values)
+
+    def build() -> SwagOptions:
+        start = parse_swag_start(args.swag_start) if args.swag_start is not None else {}
+        return SwagOptions(**option_values(SwagOptions, args), **start)
+
+    return with_flag_names(SwagOptions, build)
 
 
 class Swag(Posterior):
@@ -320,7 +345,7 @@ class Swag(Posterior):
     """
 
     name: ClassVar[str] = "swag"
-    accepts: ClassVar[tuple[str, ...]] = ("swag_start", *SWAG_TRAIN_FLAGS, "swag_export_swa", "swag_sample_scale")
+    accepts: ClassVar[tuple[str, ...]] = (*flags_of(SwagOptions), "swag_export_swa")
     train_time: ClassVar[bool] = True  # train.py --posterior swag: moments collected by a callback
 
     def __init__(self, model, names: Sequence[str], shapes: Sequence[Sequence[int]], adapter_name: str = "default"):
@@ -436,37 +461,36 @@ class Swag(Posterior):
         title = "SWAG (train.py --posterior swag collects; evaluate.py --posterior swag|multiswag)"
         g = parser.add_argument_group(title)
         if training:
-            g.add_argument("--swag_start", default=None, help="collect from this epoch (2, 1.5) or step (300steps); "
-                           "default: half way through training")  # fmt: skip
-            g.add_argument("--swag_learning_rate", type=float, default=None, help="learning rate from the start on "
-                           "(default: keep the schedule)")  # fmt: skip
-            g.add_argument("--swag_anneal_epochs", type=float, default=None, help="epochs to anneal to it (0)")
-            g.add_argument("--swag_anneal_strategy", default=None, choices=ANNEAL_STRATEGIES, help="constant "
-                           "(default)")  # fmt: skip
-            g.add_argument("--swag_collect_every", type=int, default=None, help="collect every N optimizer steps "
-                           "(default: once an epoch)")  # fmt: skip
-            g.add_argument("--swag_max_num_models", type=int, default=None, help="deviation columns K (20)")
-            g.add_argument("--swag_cov_mat", type=str2bool, nargs="?", const=True, default=None, help="low-rank + "
-                           "diagonal covariance (true) or diagonal only")  # fmt: skip
-            g.add_argument("--swag_export_swa", type=str2bool, nargs="?", const=True, default=None, help="also "
-                           "write the SWA mean as a plain PEFT adapter to <output_dir>/swa")  # fmt: skip
-        g.add_argument("--swag_sample_scale", type=float, default=None, help="factor on the sample standard "
-                       "deviation (1.0; 0: the SWA mean)")  # fmt: skip
+            g.add_argument(
+                "--swag_start",
+                default=None,
+                help="collect from this epoch (2, 1.5) or step (300steps); default: half way through training",
+            )
+            add_option_flags(g, SwagOptions, stage="train")
+            g.add_argument(
+                "--swag_export_swa",
+                type=str2bool,
+                nargs="?",
+                const=True,
+                default=None,
+                help="also write the SWA mean as a plain PEFT adapter to <output_dir>/swa",
+            )
+        add_option_flags(g, SwagOptions, stage="sample")
 
     @classmethod
     def check_args(cls, args) -> None:
         if hasattr(args, "swag_collect_every"):  # train.py: the options' own checks
             swag_options(args)
-        scale = getattr(args, "swag_sample_scale", None)
-        if scale is not None and not (scale >= 0 and scale != float("inf")):
-            raise InputError(f"--swag_sample_scale must be a non-negative number, got {scale}")
+        options_from_args(SwagOptions, args, include=["sample_scale"])  # evaluate.py: the sample scale's
         if getattr(args, "resume_from_checkpoint", None):
-            raise InputError("--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not "
-                             "saved in checkpoints; train again from the start")  # fmt: skip
+            raise InputError(
+                "--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not "
+                "saved in checkpoints; train again from the start"
+            )
 
     @classmethod
     def collector(cls, args, model, steps_per_epoch: int) -> SwagCollector:
-        return SwagCollector(model, swag_options(args), steps_per_epoch=steps_per_epoch)
+        return SwagCollector(model, swag_options(args), steps_per_epoch=steps_per_epoch, name_of=_swag_flag)
 
     @classmethod
     def after_training(cls, work, collector) -> None:

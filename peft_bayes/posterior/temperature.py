@@ -177,8 +177,10 @@ class TemperatureScaling(Posterior):
                 posterior.save(folder)
             if not work.quiet:
                 saved = f"; saved to {folder}" if folder else ""
-                print(f"temperature {posterior.temperature:.4g} fitted on {posterior.n_data} examples (validation "
-                      f"NLL {posterior.nll_before:.4f} -> {posterior.nll_after:.4f}){saved}")  # fmt: skip
+                print(
+                    f"temperature {posterior.temperature:.4g} fitted on {posterior.n_data} examples (validation "
+                    f"NLL {posterior.nll_before:.4f} -> {posterior.nll_after:.4f}){saved}"
+                )
             return posterior
         if folder is None or not os.path.isdir(folder):
             where = f"in {folder}" if folder else "for the base model (no --adapter)"

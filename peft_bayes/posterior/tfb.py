@@ -43,11 +43,12 @@ import torch
 from peft_bayes.data.loading import is_choice_data
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_folder_atomically
+from peft_bayes.options import add_option_flags, coerce_enums, flags_of, option, options_from_args, require
 from peft_bayes.posterior.base import Progress, posterior_folder, require_adapter, sample_seed
 from peft_bayes.posterior.bayeslora import BayesLoraPosterior
 from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_nll, lm_nll
 from peft_bayes.tuners.bayeslora import posterior_sample, sampling
-from peft_bayes.tuners.bayeslora.config import STD_PARAMS, BayesLoraConfig
+from peft_bayes.tuners.bayeslora.config import BayesLoraConfig, StdParam
 from peft_bayes.tuners.bayeslora.layer import layer_class_for, rho_from_std
 
 TFB_CONFIG_NAME = "tfb_config.json"
@@ -55,6 +56,45 @@ ADAPTER = "default"  # the adapter name of the BayesLoRA model TFB builds
 SINGULAR_FLOOR = 1e-4  # singular values below this fraction of their layer's largest are clamped (std only)
 # init_lora_weights values that rewrite the base weights at initialisation: the unloaded base is not the original.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
+@dataclass
+class TfbOptions:
+    """Settings of TFB's sigma search.
+
+    Args:
+        epsilon: Relative threshold: the largest sigma with expected NLL <= (1 + epsilon) * NLL of the mean.
+        samples: Posterior draws the expected NLL averages over (the same draws at every sigma).
+        sigma_bounds: ``(sigma_min, sigma_max)`` of the search.
+        tolerance: The search stops when ``sigma_hi / sigma_lo <= 1 + tolerance``.
+        seed: Seed of the draws (draw k uses ``sample_seed(seed, k)``, as evaluation does; the scripts: ``--seed``).
+        std_param: BayesLoRA's ``std_param`` of the result (``square``: rho = sqrt(std), or ``softplus``).
+    """
+
+    epsilon: float = option(
+        0.01, "relative NLL threshold on the anchor set (--fit_data_path) of the sigma search", flag="tfb_epsilon"
+    )
+    samples: int = option(4, "posterior draws of the anchor NLL", flag="tfb_samples")
+    sigma_bounds: tuple[float, float] = option((1e-6, 1.0), flag=False)
+    tolerance: float = option(0.02, flag=False)
+    seed: int = option(0, flag=False)
+    std_param: StdParam = option(StdParam.SQUARE, flag=False)
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+        eps, samples, tol = self.epsilon, self.samples, self.tolerance
+        require(isinstance(eps, (int, float)) and eps >= 0, f"`epsilon` must be a non-negative number, got {eps!r}")
+        try:
+            lo, hi = (float(v) for v in self.sigma_bounds)
+        except (TypeError, ValueError):
+            lo, hi = math.nan, math.nan
+        require(
+            0 < lo <= hi < math.inf,
+            f"`sigma_bounds` must be 0 < lower <= upper < inf, got {tuple(self.sigma_bounds)!r}",
+        )
+        self.sigma_bounds = (lo, hi)
+        require(isinstance(samples, int) and samples >= 1, f"`samples` must be a positive integer, got {samples!r}")
+        require(isinstance(tol, (int, float)) and tol > 0, f"`tolerance` must be a positive number, got {tol!r}")
 
 
 @dataclass(frozen=True)
@@ -328,30 +368,30 @@ def search_sigma(
     return lo, nll_lo, hi, nll_hi, 2 + steps
 
 
-def _check_options(epsilon: float, sigma_bounds, samples: int, tolerance: float) -> tuple[float, float]:
-    if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
-        raise InputError(f"epsilon must be a non-negative number, got {epsilon!r}")
-    lo, hi = (float(v) for v in sigma_bounds)
-    if not (0 < lo <= hi < math.inf):
-        raise InputError(f"sigma_bounds must be 0 < lower <= upper < inf, got {tuple(sigma_bounds)!r}")
-    if not (isinstance(samples, int) and samples >= 1):
-        raise InputError(f"samples must be a positive integer, got {samples!r}")
-    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
-        raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
-    return lo, hi
+class _Counter:
+    """``tick()`` per pass over one anchor batch, reported to ``progress(done, total)``; ``finish()`` reports the
+    total when the search stopped early."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.progress is not None and self.done < self.total:
+            self.progress(self.total, self.total)
 
 
 def bayesianize(
     peft_model,
     anchor_batches: Iterable[ChoiceBatch | LMBatch],
+    options: TfbOptions | None = None,
     *,
-    epsilon: float = 0.01,
-    sigma_bounds: tuple[float, float] = (1e-6, 1.0),
-    samples: int = 4,
-    seed: int = 0,
-    tolerance: float = 0.02,
-    std_param: str = "square",
     progress: Progress | None = None,
+    **settings,
 ):
     """Turns the trained LoRA adapter of ``peft_model`` into a BayesLoRA adapter with TFB's sigma.
 
@@ -360,74 +400,43 @@ def bayesianize(
             layers are removed: use the returned model (it wraps the same base model, nothing is copied).
         anchor_batches: The anchor set, a slice of the training data, all ``ChoiceBatch`` (NLL per labelled example)
             or all ``LMBatch`` (NLL per scored token); held in memory and passed over ``samples`` times per sigma.
-        epsilon: Relative threshold: the largest sigma with expected NLL <= (1 + epsilon) * NLL of the mean.
-        sigma_bounds: ``(sigma_min, sigma_max)`` of the search.
-        samples: Posterior draws the expected NLL averages over (the same draws at every sigma).
-        seed: Seed of those draws (draw k uses ``sample_seed(seed, k)``, as evaluation does).
-        tolerance: The search stops when ``sigma_hi / sigma_lo <= 1 + tolerance``.
-        std_param: BayesLoRA's ``std_param`` of the result (``"square"``: rho = sqrt(std), or ``"softplus"``).
+        options: [`TfbOptions`]; or its fields as keywords (``epsilon=0.01, samples=4, ...``).
         progress: ``progress(done, total)`` in passes over one anchor batch; ``total`` assumes the full search.
 
     Returns:
         (the BayesLoRA ``PeftModel``, eval mode, adapter ``"default"``, with rho at the found sigma; [`TfbResult`]).
 
     Raises:
-        InputError: Not a LoRA adapter (bottleneck, prefix, DoRA, ...), an untrained one (B = 0), an empty or mixed
-            anchor set, a non-finite NLL of the mean: all before any change to ``peft_model``. A lower sigma bound
-            that already breaks the threshold is found after the conversion (``peft_model`` is then consumed).
+        InputError: Bad options, not a LoRA adapter (bottleneck, prefix, DoRA, ...), an untrained one (B = 0), an
+            empty or mixed anchor set, a non-finite NLL of the mean: all before any change to ``peft_model``. A lower
+            sigma bound that already breaks the threshold is found after the conversion (``peft_model`` is then
+            consumed).
     """
-
-    bounds = _check_options(epsilon, sigma_bounds, samples, tolerance)
-    if std_param not in STD_PARAMS:
-        raise InputError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+    o = options if options is not None else TfbOptions(**settings)
     batches = list(anchor_batches)
     nll, unit, count = _anchor_kind(batches)
-    plan = _checked(peft_model, std_param)  # before any forward pass: a one-line error for what is not a LoRA
-
-    total = len(batches) * (1 + samples * (2 + bisection_steps(bounds, tolerance)))
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
-
+    plan = _checked(peft_model, o.std_param)  # before any forward pass: a one-line error for what is not a LoRA
+    tick = _Counter(progress, len(batches) * (1 + o.samples * (2 + bisection_steps(o.sigma_bounds, o.tolerance))))
     peft_model.eval()
     nll_mean = _pass_nll(peft_model, batches, nll, tick) / count  # the original LoRA: the input is still intact
     if not math.isfinite(nll_mean):
         raise InputError(f"the anchor NLL of the LoRA adapter is {nll_mean} (not finite): check the anchor data")
-    threshold = math.inf if math.isinf(epsilon) else (1.0 + epsilon) * nll_mean
-
+    threshold = math.inf if math.isinf(o.epsilon) else (1.0 + o.epsilon) * nll_mean
     model, scales = _build(peft_model, *plan)
 
     def nll_at(sigma: float) -> float:
-        set_sigma(model, scales, sigma, std_param)
-        return expected_nll(model, batches, nll, count, samples, seed, tick)
+        set_sigma(model, scales, sigma, o.std_param)
+        return expected_nll(model, batches, nll, count, o.samples, o.seed, tick)
 
     with sampling(model, False):  # outside posterior_sample: the mean
-        sigma, nll_sigma, upper, nll_upper, n_evals = search_sigma(nll_at, threshold, bounds, tolerance)
-    set_sigma(model, scales, sigma, std_param)
-    if progress is not None and done < total:
-        progress(total, total)
-    result = TfbResult(
-        sigma=sigma,
-        epsilon=float(epsilon),
-        nll_mean=nll_mean,
-        nll_at_sigma=nll_sigma,
-        threshold=threshold,
-        sigma_upper=upper,
-        nll_upper=nll_upper,
-        sigma_bounds=bounds,
-        tolerance=float(tolerance),
-        samples=samples,
-        seed=seed,
-        n_evals=n_evals,
-        n_anchor=count,
-        unit=unit,
-        std_param=std_param,
-    )
-    return model, result
+        sigma, nll_sigma, upper, nll_upper, n_evals = search_sigma(nll_at, threshold, o.sigma_bounds, o.tolerance)
+    set_sigma(model, scales, sigma, o.std_param)
+    tick.finish()
+    found = {"sigma": sigma, "nll_mean": nll_mean, "nll_at_sigma": nll_sigma, "threshold": threshold}
+    found |= {"sigma_upper": upper, "nll_upper": nll_upper, "n_evals": n_evals, "n_anchor": count, "unit": unit}
+    settings = {"epsilon": float(o.epsilon), "tolerance": float(o.tolerance), "std_param": str(o.std_param)}
+    settings |= {"sigma_bounds": o.sigma_bounds, "samples": o.samples, "seed": o.seed}
+    return model, TfbResult(**found, **settings)
 
 
 # --- persistence -------------------------------------------------------------------------------------------------
@@ -464,23 +473,20 @@ class Tfb(BayesLoraPosterior):
     and its summary says so (``posterior: bayeslora``)."""
 
     name: ClassVar[str] = "tfb"
-    accepts: ClassVar[tuple[str, ...]] = ("fit_data_path", "fit_limit", "tfb_epsilon", "tfb_samples")
+    accepts: ClassVar[tuple[str, ...]] = ("fit_data_path", "fit_limit", *flags_of(TfbOptions))
 
     @classmethod
     def add_flags(cls, parser, training: bool) -> None:
         if training:
             return
         g = parser.add_argument_group("training-free Bayesianization (evaluate.py --posterior tfb)")
-        g.add_argument("--tfb_epsilon", type=float, default=None, help="relative NLL threshold on the anchor set "
-                       "(--fit_data_path) of the sigma search (0.01)")  # fmt: skip
-        g.add_argument("--tfb_samples", type=int, default=None, help="posterior draws of the anchor NLL (4)")
+        add_option_flags(g, TfbOptions)
 
     @classmethod
     def check_args(cls, args) -> None:
         if args.tfb_epsilon is not None and not args.tfb_epsilon > 0:
             raise InputError(f"--tfb_epsilon must be a positive relative threshold, got {args.tfb_epsilon}")
-        if args.tfb_samples is not None and args.tfb_samples < 1:
-            raise InputError(f"--tfb_samples must be a positive number of draws, got {args.tfb_samples}")
+        options_from_args(TfbOptions, args)
         if not args.fit_data_path and not args.adapter:
             raise InputError("--posterior tfb needs --adapter (a trained LoRA adapter)")
 
@@ -499,14 +505,15 @@ class Tfb(BayesLoraPosterior):
         if args.fit_data_path:
             likelihood = "choice" if is_choice_data(args.fit_data_path) else "lm"
             batches = list(work.batches(args.fit_data_path, args.fit_limit, likelihood, 4))
-            extra = {k: v for k, v in (("epsilon", args.tfb_epsilon), ("samples", args.tfb_samples)) if v is not None}
-            bayes_model, result = bayesianize(work.model, batches, seed=args.seed,
-                                              progress=work.progress("TFB sigma search"), **extra)  # fmt: skip
+            options = options_from_args(TfbOptions, args, seed=args.seed)
+            bayes_model, result = bayesianize(work.model, batches, options, progress=work.progress("TFB sigma search"))
             save_tfb(bayes_model, result, folder)
             if not work.quiet:
-                print(f"TFB: sigma {result.sigma:.4g} (anchor NLL {result.nll_mean:.4f} -> {result.nll_at_sigma:.4f}, "
-                      f"threshold {result.threshold:.4f}, {result.n_evals} evaluations); BayesLoRA adapter saved to "
-                      f"{folder}")  # fmt: skip
+                print(
+                    f"TFB: sigma {result.sigma:.4g} (anchor NLL {result.nll_mean:.4f} -> {result.nll_at_sigma:.4f}, "
+                    f"threshold {result.threshold:.4f}, {result.n_evals} evaluations); BayesLoRA adapter saved to "
+                    f"{folder}"
+                )
             return cls(bayes_model)
         if not os.path.isdir(folder):
             raise InputError(f"no saved TFB adapter in {folder}: give --fit_data_path (an anchor set) to make one")

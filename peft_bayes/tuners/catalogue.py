@@ -7,6 +7,7 @@ branches on the adapter name.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,12 +28,17 @@ from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
 
+from peft_bayes.arguments import comma_list, str2bool
 from peft_bayes.errors import InputError, did_you_mean
+from peft_bayes.io import read_json
+from peft_bayes.options import option_values
 from peft_bayes.tuners import BayesLoraConfig, BottleneckConfig, ParallelAdapterConfig
+from peft_bayes.tuners.adapter_mlp import parse_scaling
 from peft_bayes.tuners.bottleneck import MLP_INPUT_PROJECTIONS, PRESETS
 from peft_bayes.tuners.parallel import SCALED_PARALLEL_SCALING
 
 TASK = "CAUSAL_LM"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class AdapterSpec:
         also_builds: Other ``peft_type`` values a flag can switch it to (``bottleneck --use_parallel_adapter``).
         quantized_ok: Works on bitsandbytes 4-bit / 8-bit base layers (PEFT's LoHa and LoKr do not).
         checkpointing_ok: Works with gradient checkpointing (PEFT's prefix tuning does not).
+        bayesian: Trains a posterior with a KL term (BayesLoRA): the Bayesian LoRA flags apply.
     """
 
     build: Callable[[argparse.Namespace, str, int], PeftConfig]
@@ -59,6 +66,7 @@ class AdapterSpec:
     also_builds: tuple[str, ...] = ()
     quantized_ok: bool = True
     checkpointing_ok: bool = True
+    bayesian: bool = False
 
 
 def _targets(args: argparse.Namespace) -> list[str] | None:
@@ -87,17 +95,7 @@ def _lora(args, model_type, total_steps, **extra) -> LoraConfig:
 
 
 def _bayeslora(args, model_type, total_steps) -> BayesLoraConfig:
-    return BayesLoraConfig(
-        **_lora_fields(args),
-        prior_std=args.prior_std,
-        init_std=args.bayes_eps,
-        std_param=args.bayes_std_param,
-        flipout=args.flipout,
-        kl_schedule=args.kl_schedule,
-        kl_weight=args.kl_weight,
-        kl_anneal_steps=args.kl_anneal_steps,
-        bayesian_factor=args.bayesian_factor,
-    )
+    return BayesLoraConfig(**_lora_fields(args), **option_values(BayesLoraConfig, args))
 
 
 def _adalora(args, model_type, total_steps) -> AdaLoraConfig:
@@ -220,6 +218,7 @@ ADAPTERS: dict[str, AdapterSpec] = {
         _bayeslora,
         "Bayesian LoRA (BLoB): Gaussian posterior over A learned by backprop, KL added to the loss",
         "BAYESLORA",
+        bayesian=True,
     ),
     "dora": AdapterSpec(lambda a, m, t: _lora(a, m, t, use_dora=True), "DoRA: LoRA with a learned magnitude", "LORA"),
     "adalora": AdapterSpec(_adalora, "AdaLoRA: SVD-form LoRA whose rank budget is pruned to --lora_r", "ADALORA"),
@@ -265,6 +264,64 @@ ADAPTERS: dict[str, AdapterSpec] = {
 }
 
 
+def _scaling_arg(value: str) -> float | str:
+    try:
+        return parse_scaling(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """train.py's adapter flags (LLM-Adapters' names and defaults): which adapter, its targets and sizes."""
+    g = parser.add_argument_group("adapter")
+    g.add_argument("--adapter_name", default="lora", help="one of: " + ", ".join(ADAPTERS))
+    g.add_argument(
+        "--target_modules",
+        type=comma_list,
+        default=None,
+        help="comma-separated module names; default: per-architecture table (README)",
+    )
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--oft_block_size", type=int, default=32)
+    g.add_argument("--num_virtual_tokens", type=int, default=30)
+    g.add_argument("--encoder_hidden_size", type=int, default=128, help="p-tuning prompt encoder width")
+    g = parser.add_argument_group("bottleneck and parallel adapters")
+    g.add_argument("--bottleneck_size", type=int, default=256, help="adapter hidden width")
+    g.add_argument("--non_linearity", default="tanh", choices=["tanh", "relu", "gelu", "silu"])
+    g.add_argument("--adapter_dropout", type=float, default=0.0)
+    g.add_argument(
+        "--scaling",
+        type=_scaling_arg,
+        default=None,
+        help="output factor s: a number or 'learned' (default 1; 4 for scaled_parallel)",
+    )
+    g.add_argument(
+        "--adapter_init",
+        default="identity",
+        choices=["identity", "bert"],
+        help="identity: up-projection zero (starts at the base model); bert: N(0, 0.02) as LLM-Adapters",
+    )
+    switch = {"type": str2bool, "nargs": "?", "const": True, "default": False}
+    g.add_argument("--use_parallel_adapter", **switch, help="bottleneck: parallel")
+    g.add_argument("--use_adapterp", **switch, help="bottleneck: AdapterP")
+
+
+def check_adapter_args(args: argparse.Namespace) -> None:
+    """One-line errors for adapter flags that do not fit ``--adapter_name``: a quantized base or gradient
+    checkpointing where the method cannot take them, BayesLoRA's flags changed for another adapter, bottleneck's
+    switches elsewhere."""
+    spec = adapter_spec(args.adapter_name)
+    if (args.load_4bit or args.load_8bit) and not spec.quantized_ok:
+        raise InputError(f"--adapter_name {args.adapter_name} does not support a quantized base (--load_4bit/8bit)")
+    if args.use_gradient_checkpointing and not spec.checkpointing_ok:
+        raise InputError(f"--adapter_name {args.adapter_name} cannot be combined with --use_gradient_checkpointing")
+    for flag in ("use_parallel_adapter", "use_adapterp"):
+        if getattr(args, flag) and args.adapter_name.lower() != "bottleneck":
+            raise InputError(f"--{flag} applies to --adapter_name bottleneck only (got {args.adapter_name})")
+
+
 def register_adapter(name: str, spec: AdapterSpec) -> None:
     """Adds an ``--adapter_name`` choice (used by this package's own tuner types)."""
     if name in ADAPTERS and ADAPTERS[name] is not spec:
@@ -281,18 +338,31 @@ def adapter_spec(name: str) -> AdapterSpec:
     return ADAPTERS[key]
 
 
+def read_adapter_config(folder: str) -> dict:
+    """The ``adapter_config.json`` of an adapter folder; a one-line error when it cannot be read or is not a PEFT
+    config (no ``peft_type``)."""
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    try:
+        config = read_json(path)
+    except OSError as err:
+        raise InputError(f"--adapter {folder!r}: cannot read {ADAPTER_CONFIG} ({err})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise InputError(f"{path}: not a PEFT adapter config (no peft_type)")
+    return config
+
+
+def saved_peft_type(folder: str | None) -> str | None:
+    """The ``peft_type`` (upper case) an adapter folder's config records; None without a readable one."""
+    try:
+        return str(read_adapter_config(folder)["peft_type"]).upper() if folder else None
+    except InputError:
+        return None  # loading the adapter reports it
+
+
 def check_saved_adapter(adapter_name: str, folder: str) -> None:
     """Checks that the adapter saved in ``folder`` is of the kind ``--adapter_name`` names (evaluate/generate)."""
-    import json
-    import os
-
     spec = adapter_spec(adapter_name)
-    path = os.path.join(folder, "adapter_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f).get("peft_type")
-    except (OSError, ValueError) as err:
-        raise InputError(f"--adapter {folder!r}: cannot read adapter_config.json ({err})") from None
+    found = read_adapter_config(folder)["peft_type"]
     if found not in (spec.peft_type, *spec.also_builds):
         raise InputError(f"--adapter {folder!r} holds a {found} adapter, not --adapter_name {adapter_name}")
 

@@ -277,11 +277,11 @@ def test_normalisation_per_token_and_per_character(llama_dir):
         torch.testing.assert_close(c, s / n_chars, rtol=0, atol=1e-12)
 
 
-def test_bad_scoring_flags(llama_dir):
+def test_bad_scoring_arguments(llama_dir):
     model, tok = _load(llama_dir)
-    with pytest.raises(InputError, match="--choice_scoring"):
+    with pytest.raises(InputError, match="^scoring must be one of shared/cached/full, got 'fast'"):
         score_pairs(model, tok, _cloze_pairs(), scoring="fast")
-    with pytest.raises(InputError, match="--choice_norm"):
+    with pytest.raises(InputError, match="^norm must be one of none/tokens/chars, got 'bytes'"):
         score_pairs(model, tok, _cloze_pairs(), norm="bytes")
 
 

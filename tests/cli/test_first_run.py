@@ -231,7 +231,7 @@ class _Stream:
 
 
 def test_progress_is_plain_lines_off_a_terminal_and_redrawn_on_one():
-    from peft_bayes.cli.common import progress_printer
+    from peft_bayes.io import progress_printer
 
     log, tty = _Stream(False), _Stream(True)
     for stream in (log, tty):

@@ -476,8 +476,8 @@ def test_adapters_without_weight_matrices_are_refused(tiny_tokenizer, kind):
         assert "\n" not in str(err.value)
 
 
-def test_unknown_subset_names_the_flag(gpt2):
-    with pytest.raises(InputError, match="--laplace_subset must be one of all/last_layer, got 'first'"):
+def test_unknown_subset_names_the_argument(gpt2):
+    with pytest.raises(InputError, match="^subset must be one of all/last_layer, got 'first'"):
         adapter_sites(gpt2[0], "first")
 
 

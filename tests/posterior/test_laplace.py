@@ -8,6 +8,7 @@ and ``mlp.c_proj``, B ≠ 0): its forward runs in float64 end to end (LLaMA's RM
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import math
@@ -21,6 +22,7 @@ from torch.func import functional_call, jacrev
 
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.predictive import PairScorer
+from peft_bayes.options import options_from_args
 from peft_bayes.posterior import Laplace, LaplaceOptions, load_posterior
 from peft_bayes.posterior.laplace import glm_probabilities
 from peft_bayes.posterior.likelihood import IGNORE
@@ -369,20 +371,22 @@ def test_save_load_and_sample_contexts(setup, tmp_path, structure):
         ("link", "link"),
     ],
 )
-def test_unknown_option_values_name_the_flag(field, flag):
-    with pytest.raises(InputError, match=f"^--{flag} must be one of .*, got 'bogus'$"):
+def test_unknown_option_values_name_the_field_or_the_flag(field, flag):
+    with pytest.raises(InputError, match=f"^{field} must be one of .*, got 'bogus'$"):  # the Python API: the field
         LaplaceOptions(**{field: "bogus"})
+    with pytest.raises(InputError, match=f"^--{flag} must be one of .*, got 'bogus'$"):  # the scripts: the flag
+        options_from_args(LaplaceOptions, argparse.Namespace(**{flag: "bogus"}))
 
 
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"prior_precision": 0.0}, "--prior_precision must be a positive number"),
-        ({"prior_precision": float("nan")}, "--prior_precision must be a positive number"),
-        ({"fisher_samples": 0}, "--laplace_fisher_samples must be positive"),
-        ({"fisher": "exact", "likelihood": "lm"}, "--laplace_fisher exact needs --laplace_likelihood choice"),
-        ({"prior_per_layer": True, "structure": "full"}, "--prior_per_layer needs --laplace_structure kron or diag"),
-        ({"prior_per_layer": True, "prior_method": "val"}, "--prior_per_layer is tuned by --prior_method marglik"),
+        ({"prior_precision": 0.0}, "^prior_precision must be a positive number"),
+        ({"prior_precision": float("nan")}, "^prior_precision must be a positive number"),
+        ({"fisher_samples": 0}, "^fisher_samples must be positive"),
+        ({"fisher": "exact", "likelihood": "lm"}, "^fisher exact needs likelihood choice"),
+        ({"prior_per_layer": True, "structure": "full"}, "^prior_per_layer needs structure kron or diag"),
+        ({"prior_per_layer": True, "prior_method": "val"}, "^prior_per_layer is tuned by prior_method marglik"),
     ],
 )
 def test_inconsistent_options_are_refused(options, match):
@@ -446,7 +450,7 @@ def test_low_rank_factors_truncate_report_and_round_trip(setup, tmp_path):
 
 
 def test_low_rank_needs_kron():
-    with pytest.raises(InputError, match="^--kfac_rank needs --laplace_structure kron"):
+    with pytest.raises(InputError, match="^kfac_rank needs structure kron"):
         LaplaceOptions(structure="diag", kfac_rank=4)
 
 

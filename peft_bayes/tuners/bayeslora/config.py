@@ -4,15 +4,33 @@ Large Language Models", NeurIPS 2024)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import LoraConfig
 
+from peft_bayes.options import OptionEnum, coerce_enums, option, require
 from peft_bayes.registry import peft_type_of
 
-STD_PARAMS = ("square", "softplus")
-KL_SCHEDULES = ("blob", "constant", "linear")
-BAYESIAN_FACTORS = ("A", "B")
+
+class StdParam(OptionEnum):
+    """sigma = rho^2 (``square``, BLoB's) or softplus(rho)."""
+
+    SQUARE = "square"
+    SOFTPLUS = "softplus"
+
+
+class KlSchedule(OptionEnum):
+    BLOB = "blob"
+    CONSTANT = "constant"
+    LINEAR = "linear"
+
+
+class BayesianFactor(OptionEnum):
+    A = "A"
+    B = "B"
+
+
+STD_PARAMS, KL_SCHEDULES, BAYESIAN_FACTORS = StdParam.values(), KlSchedule.values(), BayesianFactor.values()
 # LoraConfig options that replace LoRA's forward with another variant's: they cannot be combined with ours.
 _EXCLUSIVE_VARIANTS = (
     "use_dora",
@@ -60,18 +78,14 @@ class BayesLoraConfig(LoraConfig):
         ```
     """
 
-    prior_std: float = field(default=0.2, metadata={"help": "Std of the N(0, prior_std^2) prior (BLoB: 0.2)."})
-    init_std: float = field(
-        default=0.05, metadata={"help": "BLoB's eps: sigma starts at u^2, u ~ U(eps/sqrt(2), eps)."}
-    )
-    std_param: str = field(default="square", metadata={"help": "sigma = rho^2 ('square') or softplus(rho)."})
-    flipout: bool = field(default=True, metadata={"help": "Flipout: one noise draw per forward, signs per token."})
-    kl_schedule: str = field(default="blob", metadata={"help": "KL weighting: 'blob', 'constant' or 'linear'."})
-    kl_weight: float = field(default=1.0, metadata={"help": "Factor on the KL term of the loss."})
-    kl_anneal_steps: int | None = field(
-        default=None, metadata={"help": "Steps of the 'linear' warm-up; None = the whole run."}
-    )
-    bayesian_factor: str = field(default="A", metadata={"help": "Which LoRA factor is Bayesian: 'A' or 'B'."})
+    prior_std: float = option(0.2, "std of the N(0, prior_std^2) prior (BLoB: 0.2)")
+    init_std: float = option(0.05, "BLoB's eps: sigma starts at u^2, u ~ U(eps/sqrt(2), eps)", flag="bayes_eps")
+    std_param: StdParam = option(StdParam.SQUARE, "sigma = rho^2 or softplus(rho)", flag="bayes_std_param")
+    flipout: bool = option(True, "per-token flipout signs (one noise draw per forward)")
+    kl_schedule: KlSchedule = option(KlSchedule.BLOB, "KL weighting per step")
+    kl_weight: float = option(1.0, "factor on KL / N_train in the loss")
+    kl_anneal_steps: int | None = option(None, "linear schedule: warm-up steps (default: all)")
+    bayesian_factor: BayesianFactor = option(BayesianFactor.A, "the LoRA factor with a posterior")
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,20 +93,15 @@ class BayesLoraConfig(LoraConfig):
         for name in _EXCLUSIVE_VARIANTS:
             if getattr(self, name, None):
                 raise ValueError(f"BayesLoraConfig cannot be combined with {name}: it replaces the same forward")
+        coerce_enums(self)
         for name in ("prior_std", "init_std"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.std_param not in STD_PARAMS:
-            raise ValueError(f"std_param must be one of {STD_PARAMS}, got {self.std_param!r}")
-        if self.kl_schedule not in KL_SCHEDULES:
-            raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
-        if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be a non-negative number, got {self.kl_weight!r}")
-        if self.kl_anneal_steps is not None and self.kl_anneal_steps <= 0:
-            raise ValueError(f"kl_anneal_steps must be positive or None, got {self.kl_anneal_steps!r}")
-        if self.bayesian_factor not in BAYESIAN_FACTORS:
-            raise ValueError(f"bayesian_factor must be 'A' or 'B', got {self.bayesian_factor!r}")
+            require(
+                isinstance(value, (int, float)) and value > 0, f"`{name}` must be a positive number, got {value!r}"
+            )
+        w, steps = self.kl_weight, self.kl_anneal_steps
+        require(isinstance(w, (int, float)) and w >= 0, f"`kl_weight` must be a non-negative number, got {w!r}")
+        require(steps is None or steps > 0, f"`kl_anneal_steps` must be positive or None, got {steps!r}")
 
 
 def kl_schedule_factor(
