@@ -83,7 +83,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from peft_bayes import BayesLoraConfig, kl_divergence
-from peft_bayes.arguments import positive_ints
+from peft_bayes.arguments import positive_ints, str2bool
 from peft_bayes.io import write_text_atomic
 from peft_bayes.kernels.sampled_lora import KERNEL_ENV, MAX_RANK, kernel_path
 from peft_bayes.tiny import TINY_ARCHITECTURES, build_tiny_model, build_tokenizer
@@ -124,14 +124,6 @@ class Variant:
         return f"{self.base}-{kernel}{self.name}-r{self.rank}"
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _choices(allowed: tuple[str, ...]):
     def parse(text: str) -> list[str]:
         values = list(dict.fromkeys(v.strip().lower() for v in text.split(",") if v.strip()))
@@ -163,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--target_modules", default="all-linear", help="comma-separated module names; default every linear layer"
     )
-    p.add_argument("--flipout", type=_bool, default=True, help="also run BayesLoRA with flipout (true/false)")
+    p.add_argument("--flipout", type=str2bool, default=True, help="also run BayesLoRA with flipout (true/false)")
     p.add_argument("--base", type=_choices(BASES), default=["fp"], help="base(s): fp (in --dtype), nf4; e.g. fp,nf4")
     p.add_argument(
         "--kernel",

@@ -77,11 +77,29 @@ def train_flags(args, data: Path, model: Path, out: Path, adapter: str) -> list[
 def evaluate(args, model: Path, adapter: Path, test: Path, out: Path, samples: int, log: list[str]) -> dict:
     run_script(
         "evaluate",
-        ["--base_model", str(model), "--adapter", str(adapter), "--data_path", str(test), "--dataset", "choice",
-         "--output_dir", str(out), "--samples", str(samples), "--seed", str(args.seed), "--batch_size", "32",
-         "--prompt_template", "alpaca_short", "--quiet"],
+        [
+            "--base_model",
+            str(model),
+            "--adapter",
+            str(adapter),
+            "--data_path",
+            str(test),
+            "--dataset",
+            "choice",
+            "--output_dir",
+            str(out),
+            "--samples",
+            str(samples),
+            "--seed",
+            str(args.seed),
+            "--batch_size",
+            "32",
+            "--prompt_template",
+            "alpaca_short",
+            "--quiet",
+        ],
         log,
-    )  # fmt: skip
+    )
     return json.loads((out / "choice_summary.json").read_text())
 
 

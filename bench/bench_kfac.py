@@ -78,10 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fisher", default="mc", choices=["empirical", "mc", "exact"])
     p.add_argument("--kfac", default="expand", choices=["expand", "reduce"])
     p.add_argument("--kfac_rank", type=int, default=32, help="rank of the low-rank factors")
-    p.add_argument("--kfac_threshold", type=int, default=None, help="width above which factors are low-rank "
-                   "(default: 16 on the tiny model, 256 otherwise)")  # fmt: skip
-    p.add_argument("--kernels", default=None, help="comma list of reference, triton (default: reference, and "
-                   "triton on CUDA)")  # fmt: skip
+    p.add_argument(
+        "--kfac_threshold",
+        type=int,
+        default=None,
+        help="width above which factors are low-rank (default: 16 on the tiny model, 256 otherwise)",
+    )
+    p.add_argument(
+        "--kernels", default=None, help="comma list of reference, triton (default: reference, and triton on CUDA)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--test_path", default=None, help="compare: multiple-choice test JSON")
@@ -149,8 +154,10 @@ def pass_section(args, model, data) -> dict:
             times[name].append(time.perf_counter() - t)
             print(f"round {round_ + 1}: {name}: {times[name][-1]:.2f} s", flush=True)
     base = statistics.median(times["gradient pass"])
-    out = {name: {"seconds": t, "median_s": statistics.median(t), "ratio": statistics.median(t) / base}
-           for name, t in times.items()}  # fmt: skip
+    out = {
+        name: {"seconds": t, "median_s": statistics.median(t), "ratio": statistics.median(t) / base}
+        for name, t in times.items()
+    }
     for name, row in out.items():
         row["kernel_path"] = next((paths[k] for k in paths if f", {k}, " in name), None)
     return out
@@ -188,18 +195,20 @@ def compare_section(args, model, tok, data) -> list[dict]:
         eval_s = time.perf_counter() - t
         width = max(len(p) for p in probs)  # pad to a (n, options) matrix: absent options get probability 0
         matrix = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in probs]).float()
-        rows.append({
-            "factors": f"low-rank (rank {args.kfac_rank}, > {args.kfac_threshold})" if low_rank else "full",
-            "lml": float(posterior.log_marginal_likelihood()),
-            "prior_precision": posterior.prior_precision.tolist(),
-            "captured_mass_min": min(posterior.captured_mass),
-            "acc": 100 * metrics.accuracy(matrix, labels),
-            "ece": 100 * metrics.expected_calibration_error(matrix, labels),
-            "nll": metrics.negative_log_likelihood(matrix, labels),
-            "fit_s": fit_s,
-            "eval_s": eval_s,
-            "block_kinds": sorted({b.kind for b in posterior.blocks}),
-        })  # fmt: skip
+        rows.append(
+            {
+                "factors": f"low-rank (rank {args.kfac_rank}, > {args.kfac_threshold})" if low_rank else "full",
+                "lml": float(posterior.log_marginal_likelihood()),
+                "prior_precision": posterior.prior_precision.tolist(),
+                "captured_mass_min": min(posterior.captured_mass),
+                "acc": 100 * metrics.accuracy(matrix, labels),
+                "ece": 100 * metrics.expected_calibration_error(matrix, labels),
+                "nll": metrics.negative_log_likelihood(matrix, labels),
+                "fit_s": fit_s,
+                "eval_s": eval_s,
+                "block_kinds": sorted({b.kind for b in posterior.blocks}),
+            }
+        )
         print(f"\n{rows[-1]}", flush=True)
     full, low = rows
     low["lml_rel_diff"] = abs(low["lml"] - full["lml"]) / abs(full["lml"])
@@ -212,25 +221,42 @@ def markdown(args, info: dict, result: dict) -> str:
           f"tokens), fisher {args.fisher}, {args.kfac}, device {args.device}, {args.dtype}, "
           f"{info['threads']} torch threads", ""]  # fmt: skip
     if "pass" in result:
-        md += [f"Median of {args.repeats} after a warm-up:", "", "| pass | seconds | / gradient pass |",
-               "|---|---:|---:|"]  # fmt: skip
+        md += [
+            f"Median of {args.repeats} after a warm-up:",
+            "",
+            "| pass | seconds | / gradient pass |",
+            "|---|---:|---:|",
+        ]
         md += [f"| {name} | {r['median_s']:.2f} | {r['ratio']:.2f}x |" for name, r in result["pass"].items()]
         md.append("")
     if "memory" in result:
-        md += ["K-FAC factor memory, LoRA r 8 on LLaMA-7B q_proj and v_proj (128 weights; fp32; computed):", "",
-               "| factors | bytes | GiB |", "|---|---:|---:|"]  # fmt: skip
+        md += [
+            "K-FAC factor memory, LoRA r 8 on LLaMA-7B q_proj and v_proj (128 weights; fp32; computed):",
+            "",
+            "| factors | bytes | GiB |",
+            "|---|---:|---:|",
+        ]
         md += [f"| {r['factors']} | {r['bytes']:,} | {r['bytes'] / 2**30:.3f} |" for r in result["memory"]]
         md.append("")
     if "compare" in result:
-        md += [f"Full vs low-rank factors ({args.n} fit questions, {args.n_test} test questions of "
-               f"{os.path.basename(os.path.dirname(args.test_path))}, GLM probit):", "",
-               "| factors | log marginal likelihood | captured mass (min) | ACC % | ECE % | NLL | fit s | eval s |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        md += [f"| {r['factors']} | {r['lml']:.2f} | {r['captured_mass_min']:.4f} | {r['acc']:.2f} | {r['ece']:.2f} | "
-               f"{r['nll']:.4f} | {r['fit_s']:.0f} | {r['eval_s']:.0f} |" for r in result["compare"]]  # fmt: skip
+        md += [
+            f"Full vs low-rank factors ({args.n} fit questions, {args.n_test} test questions of "
+            f"{os.path.basename(os.path.dirname(args.test_path))}, GLM probit):",
+            "",
+            "| factors | log marginal likelihood | captured mass (min) | ACC % | ECE % | NLL | fit s | eval s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        md += [
+            f"| {r['factors']} | {r['lml']:.2f} | {r['captured_mass_min']:.4f} | {r['acc']:.2f} | {r['ece']:.2f} | "
+            f"{r['nll']:.4f} | {r['fit_s']:.0f} | {r['eval_s']:.0f} |"
+            for r in result["compare"]
+        ]
         low = result["compare"][1]
-        md += ["", f"Low-rank vs full: log marginal likelihood {100 * low['lml_rel_diff']:.3f} % apart, ECE "
-               f"{low['ece_diff_points']:+.2f} points."]  # fmt: skip
+        md += [
+            "",
+            f"Low-rank vs full: log marginal likelihood {100 * low['lml_rel_diff']:.3f} % apart, ECE "
+            f"{low['ece_diff_points']:+.2f} points.",
+        ]
     return "\n".join(md) + "\n"
 
 
@@ -246,10 +272,16 @@ def main(argv=None) -> int:
         model, tok = common.load(args)
         model.to(device=args.device, dtype=getattr(torch, args.dtype))
         data = [b.to(args.device) if hasattr(b, "to") else b for b in common.batches(args, model, tok)]
-        info.update(n=args.n, rows=sum(int(b.input_ids.shape[0]) for b in data),
-                    tokens=sum(int(b.attention_mask.sum()) for b in data))  # fmt: skip
-        print(f"{args.base_model}: {len(data)} batches, {info['rows']} option rows, {info['tokens']} tokens; "
-              f"threads {info['threads']}", flush=True)  # fmt: skip
+        info.update(
+            n=args.n,
+            rows=sum(int(b.input_ids.shape[0]) for b in data),
+            tokens=sum(int(b.attention_mask.sum()) for b in data),
+        )
+        print(
+            f"{args.base_model}: {len(data)} batches, {info['rows']} option rows, {info['tokens']} tokens; "
+            f"threads {info['threads']}",
+            flush=True,
+        )
         if "pass" in args.sections:
             result["pass"] = pass_section(args, model, data)
         if "compare" in args.sections:

@@ -68,8 +68,9 @@ def load(args):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, args.adapter, is_trainable=True).eval(), tok
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.target_modules.split(","),
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, target_modules=args.target_modules.split(","), init_lora_weights=False
+    )
     return get_peft_model(model, config).eval(), tok
 
 
@@ -122,8 +123,11 @@ def main(argv=None) -> int:
     data = batches(args, model, tok)
     n_rows = sum(int(b.input_ids.shape[0]) for b in data)
     n_tokens = sum(int(b.attention_mask.sum()) for b in data)
-    print(f"{args.base_model}: {len(data)} batches, {n_rows} option rows, {n_tokens} tokens; threads "
-          f"{torch.get_num_threads()}", flush=True)  # fmt: skip
+    print(
+        f"{args.base_model}: {len(data)} batches, {n_rows} option rows, {n_tokens} tokens; threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
     grad = timed(lambda: gradient_pass(model, data), args.repeats)
     rows = []
     for structure in args.structures.split(","):
@@ -140,12 +144,22 @@ def main(argv=None) -> int:
           "| structure | gradient pass (s) | Laplace fit (s) | fit / gradient pass |",
           "|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        md.append(f"| {r['structure']} | {statistics.median(grad):.2f} | {statistics.median(r['fit_s']):.2f} | "
-                  f"{r['ratio']:.2f}x |")  # fmt: skip
+        md.append(
+            f"| {r['structure']} | {statistics.median(grad):.2f} | {statistics.median(r['fit_s']):.2f} | "
+            f"{r['ratio']:.2f}x |"
+        )
     stem = os.path.join(args.output_dir, "laplace_fit" + ("" if args.base_model == "tiny" else "_" + args.base_model))
-    write_json_atomic(stem + ".json", {"args": vars(args), "gradient_pass_s": grad, "rows": rows,
-                                       "n_rows": n_rows, "n_tokens": n_tokens,
-                                       "torch_threads": torch.get_num_threads()})  # fmt: skip
+    write_json_atomic(
+        stem + ".json",
+        {
+            "args": vars(args),
+            "gradient_pass_s": grad,
+            "rows": rows,
+            "n_rows": n_rows,
+            "n_tokens": n_tokens,
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
     write_text_atomic(stem + ".md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -64,13 +64,15 @@ def sampled_lora_rows(result: dict | None) -> list[tuple[str, str, str, str]]:
     rows, note = _case_rows(result["rows"])
     out = []
     for base, limit, what in (("fp", 1.05, "PEFT LoRA"), ("nf4", 1.10, "PEFT + bitsandbytes QLoRA (NF4)")):
-        for row in sorted((r for r in rows if r["base"] == base and r["config"] == "fused_bayeslora"),
-                          key=lambda r: r["rank"]):  # fmt: skip
+        for row in sorted(
+            (r for r in rows if r["base"] == base and r["config"] == "fused_bayeslora"), key=lambda r: r["rank"]
+        ):
             ratio = row.get("fwdbwd_vs_peft_lora")
             path = "" if row.get("kernel") == "triton" else f", {row.get('kernel')} path"
             name = f"fused BayesLoRA fwd+bwd vs {what}, rank {row['rank']}{path}{note}"
-            out.append((name, f"<= {limit:.2f}x", "-" if ratio is None else f"{ratio:.3f}x",
-                        _verdict(ratio, limit, on_gpu)))  # fmt: skip
+            out.append(
+                (name, f"<= {limit:.2f}x", "-" if ratio is None else f"{ratio:.3f}x", _verdict(ratio, limit, on_gpu))
+            )
     for row in sorted((r for r in rows if r["config"] == "fused_bayeslora"), key=lambda r: (r["base"], r["rank"])):
         extra = row.get("extra_peak_vs_peft_lora_mib")
         limit = row["tokens"] * row["d_in"] * BYTES.get(row["dtype"], 4) / 2**20 / 2
@@ -93,8 +95,14 @@ def kfac_rows(result: dict | None) -> list[tuple[str, str, str, str]]:
     row = result["pass"].get("K-FAC pass, triton, dense")
     if row is None:
         return [(name, "<= 1.30x", "-", "no result (the triton kernel did not run)")]
-    return [(f"{name}, {result['info']['model']}", "<= 1.30x", f"{row['ratio']:.3f}x",
-             _verdict(row["ratio"], 1.30, on_gpu))]  # fmt: skip
+    return [
+        (
+            f"{name}, {result['info']['model']}",
+            "<= 1.30x",
+            f"{row['ratio']:.3f}x",
+            _verdict(row["ratio"], 1.30, on_gpu),
+        )
+    ]
 
 
 def step_lines(result: dict | None) -> list[str]:
@@ -104,8 +112,10 @@ def step_lines(result: dict | None) -> list[str]:
              "| base | kernel | config | rank | step ms | vs LoRA | peak MiB | fused layers |",
              "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
-        lines.append(f"| {r['base']} | {r['kernel']} | {r['config']} | {r['rank']} | {r['median_ms']:.1f} | "
-                     f"{r['step_ratio']:.3f}x | {r['peak_mib']:.0f} | {r['fused_layers']} |")  # fmt: skip
+        lines.append(
+            f"| {r['base']} | {r['kernel']} | {r['config']} | {r['rank']} | {r['median_ms']:.1f} | "
+            f"{r['step_ratio']:.3f}x | {r['peak_mib']:.0f} | {r['fused_layers']} |"
+        )
     return lines
 
 
@@ -113,8 +123,10 @@ def markdown(folder: Path) -> str:
     sampled, step = (_load(folder, n) for n in ("sampled_lora", "bayeslora_step"))
     kfac = _load(folder, "kfac") or _load(folder, "kfac_pass")  # bench_kfac.py --sections pass writes kfac_pass
     env = _load(folder, "env") or {}
-    head = f"## Targets ({env.get('gpu') or 'no GPU'}; torch {env.get('torch', '?').split(' ')[0]}, triton " \
-           f"{env.get('triton', '?').split(' ')[0]})"  # fmt: skip
+    head = (
+        f"## Targets ({env.get('gpu') or 'no GPU'}; torch {env.get('torch', '?').split(' ')[0]}, triton "
+        f"{env.get('triton', '?').split(' ')[0]})"
+    )
     lines = [head, "", "| target | limit | measured | verdict |", "|---|---|---:|---|"]
     for row in sampled_lora_rows(sampled) + kfac_rows(kfac):
         lines.append("| " + " | ".join(row) + " |")

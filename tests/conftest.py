@@ -84,8 +84,10 @@ def run_or_dump_stacks(tmp_path_factory):
             time.sleep(3)
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... hung for {timeout} s; stdout tail:\n{out[-3000:]}\n"
-                        f"stderr tail (stacks of every process):\n{err[-12000:]}")  # fmt: skip
+            pytest.fail(
+                f"{' '.join(map(str, cmd[:4]))} ... hung for {timeout} s; stdout tail:\n{out[-3000:]}\n"
+                f"stderr tail (stacks of every process):\n{err[-12000:]}"
+            )
         assert proc.returncode == 0, err[-3000:]
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

@@ -95,8 +95,11 @@ def test_training_runs_in_mixed_precision_where_the_gpu_has_it(setup):
         ("bayeslora_samples", "bayeslora", ["--samples", "4"]),
         ("bayeslora_mean", "bayeslora", ["--samples", "0"]),
         ("laplace_all", "lora0", ["--posterior", "laplace", "--fit_data_path", "TRAIN"]),
-        ("laplace_last_layer", "lora0", ["--posterior", "laplace", "--laplace_subset", "last_layer",
-                                         "--fit_data_path", "TRAIN"]),
+        (
+            "laplace_last_layer",
+            "lora0",
+            ["--posterior", "laplace", "--laplace_subset", "last_layer", "--fit_data_path", "TRAIN"],
+        ),
         ("swag", "lora0", ["--posterior", "swag", "--samples", "4"]),
         ("multiswag", "lora0", ["--posterior", "multiswag", "--members", "LORA1", "--samples", "4"]),
         ("mc_dropout", "lora0", ["--posterior", "mc_dropout", "--samples", "4"]),
@@ -105,18 +108,20 @@ def test_training_runs_in_mixed_precision_where_the_gpu_has_it(setup):
         ("tfb", "lora1", ["--posterior", "tfb", "--fit_data_path", "TRAIN", "--tfb_samples", "2", "--samples", "3"]),
         ("laplace_4bit", "qlora", ["--load_4bit", "--posterior", "laplace", "--fit_data_path", "TRAIN"]),
     ],
-)  # fmt: skip
+)
 def test_every_posterior_fits_and_evaluates(setup, tmp_path, name, adapter, extra):
     subst = {"TRAIN": setup["train"], "LORA1": setup["root"] / "lora1"}
     extra = [subst.get(e, e) for e in extra]
-    summary, probs = _eval(setup["base"], tmp_path / name, "--adapter", setup["root"] / adapter,
-                           "--data_path", setup["test"], *extra)  # fmt: skip
+    summary, probs = _eval(
+        setup["base"], tmp_path / name, "--adapter", setup["root"] / adapter, "--data_path", setup["test"], *extra
+    )
     _sane(summary, probs)
 
 
 def test_option_scoring_paths_agree(setup, tmp_path):
     common = ["--adapter", setup["root"] / "lora0", "--data_path", setup["test"]]
-    probs = {s: _eval(setup["base"], tmp_path / s, *common, "--choice_scoring", s)[1]
-             for s in ("full", "shared", "cached")}  # fmt: skip
+    probs = {
+        s: _eval(setup["base"], tmp_path / s, *common, "--choice_scoring", s)[1] for s in ("full", "shared", "cached")
+    }
     for path in ("shared", "cached"):
         torch.testing.assert_close(probs[path], probs["full"], rtol=0, atol=1e-4)

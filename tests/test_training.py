@@ -70,18 +70,35 @@ def _bayes_model(tokenizer, targets=("q_proj", "v_proj"), seed=0, **config):
 
 def _args(tmp_path, steps: int, batch: int, accum: int = 1, **kw) -> TrainingArguments:
     return TrainingArguments(
-        str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=steps,
-        learning_rate=1e-2, warmup_steps=2, adam_epsilon=1e-6, max_grad_norm=0.0, weight_decay=0.0,
-        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, remove_unused_columns=False,
-        disable_tqdm=True, seed=0, **kw,
-    )  # fmt: skip
+        str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        adam_epsilon=1e-6,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
 
 
 def _trainer(model, rows, tokenizer, args, **kw) -> PeftBayesTrainer:
     return PeftBayesTrainer(
-        model=model, args=args, train_dataset=rows, data_collator=LetterCollator(tokenizer.pad_token_id),
-        n_train=len(rows), **kw,
-    )  # fmt: skip
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=LetterCollator(tokenizer.pad_token_id),
+        n_train=len(rows),
+        **kw,
+    )
 
 
 def _independent_kl(model) -> torch.Tensor:
@@ -187,10 +204,20 @@ def test_sigma_grows_with_blob_and_stays_with_one_adamw(tiny_tokenizer, tmp_path
     for optimizer in ("blob", "single"):
         model = _bayes_model(tiny_tokenizer).float()
         args = TrainingArguments(
-            str(tmp_path / optimizer), per_device_train_batch_size=8, max_steps=200, learning_rate=1e-4,
-            warmup_steps=12, adam_epsilon=1e-6, report_to=[], use_cpu=True, save_strategy="no", logging_steps=50,
-            remove_unused_columns=False, disable_tqdm=True, seed=0,
-        )  # fmt: skip
+            str(tmp_path / optimizer),
+            per_device_train_batch_size=8,
+            max_steps=200,
+            learning_rate=1e-4,
+            warmup_steps=12,
+            adam_epsilon=1e-6,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=50,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            seed=0,
+        )
         trainer = _trainer(model, rows, tiny_tokenizer, args, bayes_optimizer=optimizer)
         assert optimizer == "single" or trainer.kl_optimizer.cycle == 37
         trainer.train()

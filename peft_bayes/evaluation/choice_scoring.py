@@ -362,7 +362,7 @@ def score_pairs(
     ChoiceOptions(norm=norm, scoring=scoring)  # one-line errors for unknown values
     seqs = encoded if encoded is not None else [encode_pairs(tokenizer, p) for p in pairs]
     pad_id = pad_token_id(tokenizer)
-    path = _batch_path(model, scoring)
+    path = batch_path(model, scoring)
     row_length = packed_length if path == "packed" else (lambda s: max(len(ids) for ids, _ in s))
     scores: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     done = 0
@@ -375,8 +375,9 @@ def score_pairs(
     return scores
 
 
-def _batch_path(model, scoring: str) -> str:
-    """``full``, ``packed`` or ``cached``: how :func:`score_pairs` runs its batches on ``model``."""
+def batch_path(model, scoring: str) -> str:
+    """``full``, ``packed`` or ``cached``: how :func:`score_pairs` runs its batches on ``model`` (the first call on a
+    base model runs the packing probe: make it outside any posterior sample, whose noise would fail the probe)."""
     if scoring == "full" or _is_prompt_learning(model):
         return "full"
     if scoring == "shared" and packing_is_exact(model):

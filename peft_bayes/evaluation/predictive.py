@@ -9,12 +9,13 @@ linearised one) computes the option probabilities its own way.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from peft_bayes.evaluation.batching import generate_batched, make_batches
-from peft_bayes.evaluation.choice_scoring import encode_pairs, label_pairs, normalisers, score_pairs
+from peft_bayes.evaluation.choice_scoring import batch_path, encode_pairs, label_pairs, normalisers, score_pairs
 from peft_bayes.models import pad_token_id
 from peft_bayes.posterior import ChoiceBatch, Posterior, default_posterior
 from peft_bayes.posterior.base import sample_seed
@@ -87,6 +88,15 @@ class PairScorer:
         self.batch_size, self.scoring, self.norm, self.labels = batch_size, scoring, norm, labels
         self.encoded = [encode_pairs(tokenizer, p) for p in pairs]  # the same token ids in every pass
         self.n_examples = len(pairs)
+        # Decided now, with the weights as they are: the packing probe run inside a posterior sample would see fresh
+        # noise on every forward (BayesLoRA's forward draws, element dropout) and take packing for inexact.
+        batch_path(model, scoring)
+
+    def for_model(self, model) -> PairScorer:
+        """The same examples (tokenized once) scored by another model, e.g. the one TFB makes of this one."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def scores(self, progress: Callable | None = None) -> list[torch.Tensor]:
         return score_pairs(

@@ -47,6 +47,9 @@ class OptionScorer(Protocol):
     def scores(self, progress: Progress | None = None) -> list[torch.Tensor]:
         """One (options,) float64 tensor of option log-scores per example (no gradients)."""
 
+    def for_model(self, model) -> OptionScorer:
+        """The same examples scored by another model."""
+
     def batches(self, batch_size: int | None = None) -> Iterable[ChoiceBatch]:
         """The same examples as differentiable batches (the ``full`` path: one row per option), ``batch_size``
         examples each (default: the scorer's)."""

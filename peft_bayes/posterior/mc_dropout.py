@@ -1,10 +1,16 @@
-"""MC dropout (Gal & Ghahramani 2016): the adapter's dropout kept on at evaluation, one fixed mask per pass.
+"""MC dropout (Gal & Ghahramani 2016): the adapter's dropout kept on at evaluation.
 
-A sample is one Bernoulli mask per dropout module of the active adapter, over the dropout's input features:
-``(d_in,)`` with values 0 or ``1 / (1 - p)``, shared by every token and example of the pass. Dropping input feature
-j of a LoRA layer is dropping column j of ``lora_A`` (of the bottleneck's down projection): each mask is a sample of
-the adapter's weights, so batched scores equal one-at-a-time scores and a pass is reproducible from its seed alone.
-(Training-time dropout draws a fresh mask per token; fixing one per pass is what makes a pass a weight sample.)
+Two kinds of sample (``mask``):
+
+- ``feature`` (default): one Bernoulli mask per dropout module of the active adapter, over the dropout's input
+  features: ``(d_in,)`` with values 0 or ``1 / (1 - p)``, shared by every token and example of the pass. Dropping
+  input feature j of a LoRA layer is dropping column j of ``lora_A`` (of the bottleneck's down projection): each mask
+  is a sample of the adapter's weights, so batched scores equal one-at-a-time scores and a pass is reproducible from
+  its seed alone, whatever the batch size.
+- ``element``: what the authors' code does (bayesian-peft's and swag-lora's MC dropout leave the dropout modules in
+  train mode): a fresh mask per element of the dropout's input (token x feature) on every forward pass, as in
+  training. A pass is still reproducible from its seed for the same batches (each module draws from its own seeded
+  generator), but a score depends on the batch it was computed in.
 
 The masks are applied by forward hooks on the dropout modules (PEFT LoRA's ``lora_dropout[adapter]``, our adapters'
 ``<prefix>dropout[adapter]``): the hook replaces the module's output by ``input * mask``, in train or eval mode
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 
 from peft_bayes.errors import InputError
-from peft_bayes.options import add_option_flags, flags_of, option, options_from_args, require
+from peft_bayes.options import OptionEnum, add_option_flags, coerce_enums, flags_of, option, options_from_args, require
 from peft_bayes.posterior.base import Posterior
 
 
@@ -75,19 +81,36 @@ def module_rate(module: nn.Module) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
 
-class DropoutMasks:
-    """Context of one MC-dropout pass: each dropout module multiplies its input by its own fixed mask.
+class DropoutMask(OptionEnum):
+    """What one MC-dropout sample draws (see the module docstring)."""
 
-    Masks are drawn on a module's first call of the pass (its width is the input's last dimension) and kept in
-    ``masks`` (module name -> (d_in,) mask) for the rest of the pass; leaving the context removes the hooks.
+    FEATURE = "feature"
+    ELEMENT = "element"
+
+
+def element_mask(x: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """An inverted-dropout mask of ``x``'s shape, dtype and device: 0 with probability ``rate``, else 1 / (1 - p)."""
+    keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32) >= rate
+    return keep.to(x.dtype) / (1.0 - rate)
+
+
+class DropoutMasks:
+    """Context of one MC-dropout pass: each dropout module multiplies its input by its mask.
+
+    ``feature``: masks are drawn on a module's first call of the pass (its width is the input's last dimension) and
+    kept in ``masks`` (module name -> (d_in,) mask) for the rest of the pass. ``element``: every call draws a fresh
+    mask of the input's shape from the module's own generator, seeded from the pass's seed and the module's index.
+    Leaving the context removes the hooks.
     """
 
-    def __init__(self, model, modules: list[tuple[str, nn.Module, float]], seed: int) -> None:
-        self.model, self.modules, self.seed = model, modules, seed
+    def __init__(self, model, modules: list[tuple[str, nn.Module, float]], seed: int, mask: str = "feature") -> None:
+        self.model, self.modules, self.seed, self.mask = model, modules, seed, DropoutMask(mask)
         self.masks: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     def _hook(self, index: int, name: str, rate: float):
+        if self.mask == "element":
+            return self._element_hook(index, rate)
         cached: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> the mask there
 
         def hook(module, args, output):
@@ -101,6 +124,19 @@ class DropoutMasks:
             if key not in cached:
                 cached[key] = mask.to(device=x.device, dtype=x.dtype)
             return x * cached[key]
+
+        return hook
+
+    def _element_hook(self, index: int, rate: float):
+        generators: dict[torch.device, torch.Generator] = {}
+
+        def hook(module, args, output):
+            x = args[0]
+            if rate == 0.0:
+                return x
+            if x.device not in generators:
+                generators[x.device] = torch.Generator(device=x.device).manual_seed(module_seed(self.seed, index))
+            return x * element_mask(x, rate, generators[x.device])
 
         return hook
 
@@ -132,8 +168,15 @@ class MCDropoutOptions:
         flag="mc_dropout_rate",
         default_text="the adapter's own",
     )
+    mask: DropoutMask = option(
+        DropoutMask.FEATURE,
+        "mc_dropout: feature = one mask over the input features per module, held for a pass (a weight sample); "
+        "element = a fresh mask per element on every forward, as training draws it (the authors' code)",
+        flag="mc_dropout_mask",
+    )
 
     def __post_init__(self) -> None:
+        coerce_enums(self)
         require(self.rate is None or 0.0 <= self.rate < 1.0, f"`rate` must be in [0, 1), got {self.rate}")
 
 
@@ -144,15 +187,17 @@ class MCDropout(Posterior):
         model: The ``PeftModel``.
         rate: Dropout rate of every adapter dropout module; None: each module's own (the rate the adapter was
             trained with), which must then be > 0 somewhere.
+        mask: ``feature`` (one mask per module over the input features, held for a pass) or ``element`` (a fresh
+            mask per element on every forward); see the module docstring.
     """
 
     name: ClassVar[str] = "mc_dropout"
     default_samples: ClassVar[int] = 10
     accepts: ClassVar[tuple[str, ...]] = tuple(flags_of(MCDropoutOptions))
 
-    def __init__(self, model, rate: float | None = None) -> None:
+    def __init__(self, model, rate: float | None = None, mask: str = "feature") -> None:
         super().__init__(model)
-        MCDropoutOptions(rate)  # a one-line error for a rate outside [0, 1)
+        self.mask = MCDropoutOptions(rate, mask).mask  # one-line errors for a rate outside [0, 1), an unknown mask
         found = dropout_modules(model)
         if not found:
             raise InputError(
@@ -178,11 +223,11 @@ class MCDropout(Posterior):
         return DropoutMasks(self.model, [(n, m, 0.0) for n, m, _ in self.modules], 0)
 
     def sample(self, seed: int) -> AbstractContextManager:
-        """One fixed dropout mask per module for a whole pass, drawn from ``seed``."""
-        return DropoutMasks(self.model, self.modules, seed)
+        """One pass's masks drawn from ``seed``: held per module (feature) or fresh on every forward (element)."""
+        return DropoutMasks(self.model, self.modules, seed, self.mask)
 
     def config(self) -> dict:
-        return {"rate": self.rate}
+        return {"rate": self.rate, "mask": str(self.mask)}
 
     # --- the scripts ---------------------------------------------------------------------------------------------
     @classmethod
@@ -196,7 +241,8 @@ class MCDropout(Posterior):
 
     @classmethod
     def from_args(cls, work) -> MCDropout:
-        return cls(work.model, rate=options_from_args(MCDropoutOptions, work.args).rate)
+        options = options_from_args(MCDropoutOptions, work.args)
+        return cls(work.model, rate=options.rate, mask=options.mask)
 
     def summary(self) -> dict:
         """Its settings and the rates in use (the adapter's own where no --mc_dropout_rate)."""
@@ -204,4 +250,4 @@ class MCDropout(Posterior):
 
     @classmethod
     def from_config(cls, model, config: dict) -> MCDropout:
-        return cls(model, config.get("rate"))
+        return cls(model, config.get("rate"), config.get("mask", "feature"))

@@ -15,9 +15,10 @@ from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from peft_bayes.errors import InputError
+from peft_bayes.options import flags_of
 from peft_bayes.posterior.base import Posterior, Progress, member_folders, pass_tick, posterior_folder, sample_seed
 from peft_bayes.posterior.ensemble import check_members as check_adapter_members
-from peft_bayes.posterior.swag import Swag
+from peft_bayes.posterior.swag import Swag, SwagOptions, sample_scale_from_args
 
 MEMBER_PREFIX = "swag"
 
@@ -35,7 +36,7 @@ class MultiSwag(Posterior):
     """
 
     name: ClassVar[str] = "multiswag"
-    accepts: ClassVar[tuple[str, ...]] = ("members", "swag_sample_scale")
+    accepts: ClassVar[tuple[str, ...]] = ("members", *flags_of(SwagOptions, stage="sample"))
     member_adapters: ClassVar[bool] = True
 
     def __init__(self, model, members: Sequence[str]) -> None:
@@ -54,8 +55,7 @@ class MultiSwag(Posterior):
     @classmethod
     def from_args(cls, work) -> MultiSwag:
         posterior = cls.from_folders(work.model, member_folders(work.args))
-        if work.args.swag_sample_scale is not None:
-            posterior.sample_scale = work.args.swag_sample_scale
+        sample_scale_from_args(posterior, work.args)
         return posterior
 
     @classmethod

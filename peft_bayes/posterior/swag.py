@@ -68,6 +68,19 @@ class AnnealStrategy(OptionEnum):
     COSINE = "cosine"
 
 
+class ScaleConvention(OptionEnum):
+    """What ``sample_scale`` means: ``std`` = s above (this library's), ``swag_lora`` = swag-lora's ``scale``."""
+
+    STD = "std"
+    SWAG_LORA = "swag_lora"
+
+
+def std_scale(sample_scale: float, convention: str = "std") -> float:
+    """s of this library's sample from a scale in ``convention``. swag-lora draws θ̄ + √scale (σ ⊙ z₁ + D z₂ / √(K −
+    1)), which is s = √(2 scale): its default scale 1.0 is s = √2, and s = 1 is its scale 0.5."""
+    return math.sqrt(2.0 * sample_scale) if convention == "swag_lora" else float(sample_scale)
+
+
 ADAPTER = "{adapter}"  # stands for the adapter's name in the saved parameter names
 
 
@@ -85,7 +98,10 @@ class SwagOptions:
         collect_every: Collect every this many optimizer steps after the start; 0 or None: at each epoch's end.
         max_num_models: K, the number of deviation columns kept (the rank of the low-rank part).
         cov_mat: Keep the deviations (low-rank + diagonal covariance); False: diagonal only (no D in memory).
-        sample_scale: s, the factor on the standard deviation of a sample (0: the SWA mean).
+        sample_scale: s, the factor on the standard deviation of a sample (0: the SWA mean), in
+            ``scale_convention``.
+        scale_convention: ``std`` (s as above) or ``swag_lora`` (``sample_scale`` is swag-lora's ``scale``, which
+            multiplies the covariance without the ½: s = √(2 scale)).
     """
 
     start_epoch: float | None = option(None, flag="swag_start", stage="train", hand_written=True)
@@ -107,6 +123,18 @@ class SwagOptions:
     sample_scale: float = option(
         1.0, "factor on the sample standard deviation (0: the SWA mean)", flag="swag_sample_scale", stage="sample"
     )
+    scale_convention: ScaleConvention = option(
+        ScaleConvention.STD,
+        "std: --swag_sample_scale multiplies the standard deviation of the ½-covariance; swag_lora: it is swag-lora's "
+        "scale, on the covariance without the ½ (its 1.0 is std's √2)",
+        flag="swag_scale_convention",
+        stage="sample",
+    )
+
+    @property
+    def std_scale(self) -> float:
+        """The sample scale in this library's convention."""
+        return std_scale(self.sample_scale, self.scale_convention)
 
     def __post_init__(self) -> None:
         coerce_enums(self)
@@ -309,7 +337,7 @@ class SwagCollector(TrainerCallback):
         dev = torch.stack(list(self.deviations)) if self.deviations else self.mean.new_zeros((0, self.mean.numel()))
         swag = Swag(self.model, self.names, [tuple(p.shape) for p in self.params], self.adapter_name)
         swag.set_moments(self.mean, self.sq_mean, dev, self.n_models)
-        swag.options, swag.sample_scale, swag.cov_mat = self.options, self.options.sample_scale, self.options.cov_mat
+        swag.options, swag.sample_scale, swag.cov_mat = self.options, self.options.std_scale, self.options.cov_mat
         swag.collected_steps, swag.fingerprint = list(self.collected_steps), weights_fingerprint(self.params)
         return swag
 
@@ -322,6 +350,12 @@ class SwagCollector(TrainerCallback):
 
 
 # --- the posterior ---------------------------------------------------------------------------------------------------
+def sample_scale_from_args(posterior, args) -> None:
+    """``--swag_sample_scale`` (in ``--swag_scale_convention``) on a loaded SWAG or MultiSWAG posterior."""
+    if args.swag_sample_scale is not None:
+        posterior.sample_scale = std_scale(args.swag_sample_scale, args.swag_scale_convention or "std")
+
+
 def _swag_flag(name: str) -> str:
     return "--" + flag_name(SwagOptions, name)
 
@@ -357,7 +391,7 @@ class Swag(Posterior):
             if tuple(want) != got:
                 raise InputError(f"the SWAG posterior covers other adapter weights: {n} is {got}, saved {tuple(want)}")
         self.options = SwagOptions()
-        self.sample_scale, self.cov_mat = self.options.sample_scale, self.options.cov_mat
+        self.sample_scale, self.cov_mat = self.options.std_scale, self.options.cov_mat
         self.mean_vec: torch.Tensor | None = None
         self.sq_mean = self.deviations = None
         self.n_models, self.collected_steps, self.fingerprint = 0, [], None
@@ -481,7 +515,7 @@ class Swag(Posterior):
     def check_args(cls, args) -> None:
         if hasattr(args, "swag_collect_every"):  # train.py: the options' own checks
             swag_options(args)
-        options_from_args(SwagOptions, args, include=["sample_scale"])  # evaluate.py: the sample scale's
+        options_from_args(SwagOptions, args, include=["sample_scale", "scale_convention"])  # the sample flags
         if getattr(args, "resume_from_checkpoint", None):
             raise InputError(
                 "--posterior swag cannot resume from a checkpoint: the collected SWAG moments are not "
@@ -513,8 +547,7 @@ class Swag(Posterior):
         if not os.path.isdir(folder):
             raise InputError(f"no saved SWAG posterior in {folder}: train with train.py --posterior swag")
         posterior = cls.load_saved(work.model, folder)
-        if work.args.swag_sample_scale is not None:
-            posterior.sample_scale = work.args.swag_sample_scale
+        sample_scale_from_args(posterior, work.args)
         return posterior
 
     @classmethod

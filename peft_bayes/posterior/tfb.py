@@ -34,7 +34,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,11 +44,29 @@ import torch
 from peft_bayes.data.loading import is_choice_data
 from peft_bayes.errors import InputError
 from peft_bayes.io import write_folder_atomically
-from peft_bayes.options import add_option_flags, coerce_enums, flags_of, option, options_from_args, require
-from peft_bayes.posterior.base import Progress, posterior_folder, require_adapter, sample_seed
+from peft_bayes.options import (
+    OptionEnum,
+    OptionError,
+    add_option_flags,
+    coerce_enums,
+    flags_of,
+    option,
+    option_values,
+    require,
+    with_flag_names,
+)
+from peft_bayes.posterior.base import Progress, posterior_folder, require_adapter
 from peft_bayes.posterior.bayeslora import BayesLoraPosterior
-from peft_bayes.posterior.likelihood import IGNORE, ChoiceBatch, LMBatch, choice_nll, lm_nll
-from peft_bayes.tuners.bayeslora import posterior_sample, sampling
+from peft_bayes.posterior.tfb_search import (  # noqa: F401  (search_sigma, bisection_steps: public here too)
+    Anchors,
+    anchor_nll,
+    bisection_steps,
+    halving_search,
+    interpolation_search,
+    search_evaluations,
+    search_sigma,
+)
+from peft_bayes.tuners.bayeslora import sampling
 from peft_bayes.tuners.bayeslora.config import BayesLoraConfig, StdParam
 from peft_bayes.tuners.bayeslora.layer import layer_class_for, rho_from_std
 
@@ -58,25 +77,66 @@ SINGULAR_FLOOR = 1e-4  # singular values below this fraction of their layer's la
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
+class TfbNll(OptionEnum):
+    EXPECTED = "expected"
+    PREDICTIVE = "predictive"
+
+
+class TfbLabels(OptionEnum):
+    GOLD = "gold"
+    PSEUDO = "pseudo"
+
+
+class TfbSearch(OptionEnum):
+    INTERPOLATION = "interpolation"
+    BISECTION = "bisection"
+    HALVING = "halving"
+
+
 @dataclass
 class TfbOptions:
-    """Settings of TFB's sigma search.
+    """Settings of TFB's sigma search (``peft_bayes.posterior.tfb_search`` describes each choice).
 
     Args:
-        epsilon: Relative threshold: the largest sigma with expected NLL <= (1 + epsilon) * NLL of the mean.
-        samples: Posterior draws the expected NLL averages over (the same draws at every sigma).
+        epsilon: Relative threshold on the anchor NLL: sigma passes while ``(NLL(sigma) - NLL_mean) / NLL_mean``
+            (divided by the number of anchor units with ``per_anchor``) is at most ``epsilon`` (in absolute value
+            for ``halving``, as BLoB's code).
+        samples: Posterior draws of the anchor NLL (the same draws at every sigma).
+        nll: ``expected`` (the mean of the draws' NLLs) or ``predictive`` (the NLL of their mean probability).
+        labels: ``gold`` or ``pseudo`` (the mean model's own answers; multiple-choice anchors).
+        search: ``interpolation``, ``bisection`` (both: the largest passing sigma to a ``1 + tolerance`` bracket)
+            or ``halving`` (BLoB's: ``halvings`` linear halvings, the last violator).
+        halvings: Steps of the ``halving`` search.
+        per_anchor: Divide the relative change by the number of anchor units (BLoB's code).
         sigma_bounds: ``(sigma_min, sigma_max)`` of the search.
-        tolerance: The search stops when ``sigma_hi / sigma_lo <= 1 + tolerance``.
+        tolerance: The bracket ratio where ``interpolation`` and ``bisection`` stop.
         seed: Seed of the draws (draw k uses ``sample_seed(seed, k)``, as evaluation does; the scripts: ``--seed``).
         std_param: BayesLoRA's ``std_param`` of the result (``square``: rho = sqrt(std), or ``softplus``).
+
+    BLoB's code is ``TfbOptions(nll="predictive", labels="pseudo", search="halving", halvings=5, per_anchor=True,
+    epsilon=0.003, sigma_bounds=(0.001, 0.015), samples=1)`` (BayesAdapt's: gold labels, ``per_anchor`` False,
+    bounds (0.001, 0.2)).
     """
 
     epsilon: float = option(
         0.01, "relative NLL threshold on the anchor set (--fit_data_path) of the sigma search", flag="tfb_epsilon"
     )
     samples: int = option(4, "posterior draws of the anchor NLL", flag="tfb_samples")
-    sigma_bounds: tuple[float, float] = option((1e-6, 1.0), flag=False)
-    tolerance: float = option(0.02, flag=False)
+    nll: TfbNll = option(TfbNll.EXPECTED, "anchor NLL: the draws' mean NLL, or the NLL of their mean", flag="tfb_nll")
+    labels: TfbLabels = option(TfbLabels.GOLD, "anchor labels: gold, or the mean model's answers", flag="tfb_labels")
+    search: TfbSearch = option(
+        TfbSearch.INTERPOLATION,
+        "interpolation / bisection: the largest passing sigma to --tfb_tolerance; halving: BLoB's",
+        flag="tfb_search",
+    )
+    halvings: int = option(5, "steps of the halving search", flag="tfb_halvings")
+    per_anchor: bool = option(
+        False, "divide the relative NLL change by the anchor units (BLoB)", flag="tfb_per_anchor"
+    )
+    sigma_bounds: tuple[float, float] = option(
+        (1e-6, 1.0), "lower,upper sigma of the search", flag="tfb_sigma_bounds", hand_written=True
+    )
+    tolerance: float = option(0.02, "bracket ratio where interpolation and bisection stop", flag="tfb_tolerance")
     seed: int = option(0, flag=False)
     std_param: StdParam = option(StdParam.SQUARE, flag=False)
 
@@ -95,6 +155,20 @@ class TfbOptions:
         self.sigma_bounds = (lo, hi)
         require(isinstance(samples, int) and samples >= 1, f"`samples` must be a positive integer, got {samples!r}")
         require(isinstance(tol, (int, float)) and tol > 0, f"`tolerance` must be a positive number, got {tol!r}")
+        require(self.halvings >= 1, f"`halvings` must be a positive number of steps, got {self.halvings}")
+
+    def allowed_change(self, n_units: int) -> float:
+        """The largest relative NLL change that passes."""
+        return self.epsilon * (n_units if self.per_anchor else 1)
+
+
+def parse_sigma_bounds(text: str) -> tuple[float, float]:
+    """``--tfb_sigma_bounds 0.001,0.015`` -> (0.001, 0.015)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise OptionError(f"`sigma_bounds` must be two numbers lower,upper, got {text!r}") from None
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -103,18 +177,22 @@ class TfbResult:
 
     Attributes:
         sigma: The shared std (``sigma_ij = sigma / d_i``).
-        epsilon: The relative threshold: NLL(sigma) <= (1 + epsilon) * nll_mean.
-        nll_mean: Anchor NLL of the original LoRA (the posterior mean), per unit.
-        nll_at_sigma: Expected anchor NLL at ``sigma``, per unit.
-        threshold: ``(1 + epsilon) * nll_mean``.
+        epsilon: The relative threshold (see [`TfbOptions`]).
+        nll_mean: Anchor NLL of the original LoRA (the posterior mean), per unit, on the search's labels.
+        nll_at_sigma: Anchor NLL (``nll``) at ``sigma``, per unit (NaN where the halving search never tried it).
+        threshold: ``nll_mean * (1 + allowed change)``.
         sigma_upper: The smallest sigma tried that broke the threshold (``sigma <= sigma_upper <= sigma * (1 +
-            tolerance)``), None when ``sigma`` is the upper bound.
-        nll_upper: Expected anchor NLL at ``sigma_upper`` (None with it).
+            tolerance)`` for interpolation and bisection; ``sigma`` itself for halving), None when ``sigma`` is the
+            upper bound.
+        nll_upper: Anchor NLL at ``sigma_upper`` (None with it).
         sigma_bounds, tolerance, samples, seed: The search's settings.
-        n_evals: Expected-NLL evaluations (each ``samples`` passes over the anchor set), the mean's not counted.
-        n_anchor, unit: Size of the anchor set: labelled examples (``"example"``, ChoiceBatch) or scored tokens
-            (``"token"``, LMBatch); NLLs are per unit.
+        n_evals: NLL evaluations (each ``samples`` passes over the anchor set), the mean's not counted.
+        n_anchor, unit: Size of the anchor set: labelled examples (``"example"``) or scored tokens (``"token"``);
+            NLLs are per unit.
         std_param: BayesLoRA's std parametrisation the rho were written for.
+        nll, labels, search, halvings, per_anchor: The criterion's settings.
+        search_seconds: Wall time of the search, the mean's pass and the conversion included.
+        trace: ``[sigma, NLL]`` of every evaluation, in order (the search's diagnostic).
     """
 
     sigma: float
@@ -132,6 +210,13 @@ class TfbResult:
     n_anchor: int
     unit: str
     std_param: str
+    nll: str = "expected"
+    labels: str = "gold"
+    search: str = "bisection"
+    halvings: int = 5
+    per_anchor: bool = False
+    search_seconds: float | None = None
+    trace: list | None = None
 
     @property
     def at_upper_bound(self) -> bool:
@@ -293,101 +378,9 @@ def _build(peft_model, factors: dict, bayes_config) -> tuple:
     return model, scales
 
 
-# --- the anchor NLL and the search -------------------------------------------------------------------------------
-def _anchor_kind(batches: list) -> tuple[Callable, str, int]:
-    """(nll function, unit, number of units) of the anchor batches; InputError when empty or mixed."""
-    if not batches:
-        raise InputError("TFB needs an anchor set (a slice of the training data); it is empty")
-    if all(isinstance(b, ChoiceBatch) for b in batches):
-        count = sum(int((b.labels >= 0).sum()) for b in batches)
-        nll, unit = choice_nll, "example"
-    elif all(isinstance(b, LMBatch) for b in batches):
-        count = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
-        nll, unit = lm_nll, "token"
-    else:
-        kinds = sorted({type(b).__name__ for b in batches})
-        raise InputError(f"TFB anchor batches must all be ChoiceBatch or all LMBatch, got {', '.join(kinds)}")
-    if count == 0:
-        raise InputError(f"the TFB anchor set has no labelled {unit}: nothing to measure the NLL on")
-    return nll, unit, count
-
-
-@torch.no_grad()
-def _pass_nll(model, batches: list, nll: Callable, tick: Callable[[], None]) -> float:
-    total = 0.0
-    for batch in batches:
-        total += float(nll(model, batch))
-        tick()
-    return total
-
-
-def expected_nll(model, batches: list, nll: Callable, count: int, samples: int, seed: int, tick) -> float:
-    """Mean over ``samples`` fixed posterior draws of the anchor NLL per unit (the model's current rho)."""
-
-    total = 0.0
-    for index in range(samples):
-        with posterior_sample(model, sample_seed(seed, index)):
-            total += _pass_nll(model, batches, nll, tick)
-    return total / (samples * count)
-
-
-def bisection_steps(bounds: tuple[float, float], tolerance: float) -> int:
-    """Halvings of ``log(hi / lo)`` until the bracket ratio is at most ``1 + tolerance``."""
-    lo, hi = bounds
-    ratio = math.log(hi / lo) / math.log1p(tolerance)
-    return max(0, math.ceil(math.log2(ratio))) if ratio > 1 else 0
-
-
-def search_sigma(
-    nll_at: Callable[[float], float], threshold: float, bounds: tuple[float, float], tolerance: float
-) -> tuple[float, float, float | None, float | None, int]:
-    """The largest sigma in ``bounds`` found with ``nll_at(sigma) <= threshold``, by bisection on ``log sigma``.
-
-    Returns:
-        (sigma, its NLL, the smallest failing sigma tried or None, its NLL or None, evaluations). ``sigma`` is the
-        upper bound when that passes; InputError when even the lower bound fails. NaN counts as failing.
-    """
-    lo, hi = bounds
-    nll_hi = nll_at(hi)
-    if nll_hi <= threshold:
-        return hi, nll_hi, None, None, 1
-    nll_lo = nll_at(lo) if lo < hi else nll_hi
-    if not nll_lo <= threshold:
-        raise InputError(
-            f"sigma_bounds: even sigma={lo:g} gives anchor NLL {nll_lo:.6g} > threshold {threshold:.6g}; "
-            "lower the lower bound or raise epsilon"
-        )
-    steps = bisection_steps(bounds, tolerance)
-    for _ in range(steps):
-        mid = math.sqrt(lo * hi)
-        value = nll_at(mid)
-        if value <= threshold:
-            lo, nll_lo = mid, value
-        else:
-            hi, nll_hi = mid, value
-    return lo, nll_lo, hi, nll_hi, 2 + steps
-
-
-class _Counter:
-    """``tick()`` per pass over one anchor batch, reported to ``progress(done, total)``; ``finish()`` reports the
-    total when the search stopped early."""
-
-    def __init__(self, progress: Progress | None, total: int) -> None:
-        self.progress, self.total, self.done = progress, total, 0
-
-    def __call__(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
-    def finish(self) -> None:
-        if self.progress is not None and self.done < self.total:
-            self.progress(self.total, self.total)
-
-
 def bayesianize(
     peft_model,
-    anchor_batches: Iterable[ChoiceBatch | LMBatch],
+    anchors,
     options: TfbOptions | None = None,
     *,
     progress: Progress | None = None,
@@ -398,45 +391,69 @@ def bayesianize(
     Args:
         peft_model: A ``PeftModel`` with one active plain LoRA adapter (Linear / Conv1D targets, no DoRA). Its LoRA
             layers are removed: use the returned model (it wraps the same base model, nothing is copied).
-        anchor_batches: The anchor set, a slice of the training data, all ``ChoiceBatch`` (NLL per labelled example)
-            or all ``LMBatch`` (NLL per scored token); held in memory and passed over ``samples`` times per sigma.
+        anchors: The anchor set, a slice of the training data: an ``OptionScorer`` of ``peft_model`` with gold labels
+            (multiple choice, scored on evaluation's fast path), or a list of all ``ChoiceBatch`` (NLL per labelled
+            example) or all ``LMBatch`` (NLL per scored token), passed over ``samples`` times per sigma.
         options: [`TfbOptions`]; or its fields as keywords (``epsilon=0.01, samples=4, ...``).
-        progress: ``progress(done, total)`` in passes over one anchor batch; ``total`` assumes the full search.
+        progress: ``progress(done, total)`` in passes over the anchor set; ``total`` assumes the longest search.
 
     Returns:
         (the BayesLoRA ``PeftModel``, eval mode, adapter ``"default"``, with rho at the found sigma; [`TfbResult`]).
 
     Raises:
-        InputError: Bad options, not a LoRA adapter (bottleneck, prefix, DoRA, ...), an untrained one (B = 0), an
-            empty or mixed anchor set, a non-finite NLL of the mean: all before any change to ``peft_model``. A lower
-            sigma bound that already breaks the threshold is found after the conversion (``peft_model`` is then
-            consumed).
+        InputError: Bad options, not a LoRA adapter, an untrained one (B = 0), an empty or mixed anchor set, a
+            non-finite NLL of the mean: all before any change to ``peft_model``. A lower sigma bound that already
+            breaks the threshold is found after the conversion (``peft_model`` is then consumed).
     """
+    t0 = time.perf_counter()
     o = options if options is not None else TfbOptions(**settings)
-    batches = list(anchor_batches)
-    nll, unit, count = _anchor_kind(batches)
+    data = Anchors(anchors, progress)
     plan = _checked(peft_model, o.std_param)  # before any forward pass: a one-line error for what is not a LoRA
-    tick = _Counter(progress, len(batches) * (1 + o.samples * (2 + bisection_steps(o.sigma_bounds, o.tolerance))))
+    pseudo = o.labels == "pseudo"
+    if pseudo and not data.choice:
+        raise InputError("TFB pseudo-labels need multiple-choice anchors (the model's own answers)")
+    data.total = 1 + int(pseudo) + o.samples * search_evaluations(o.search, o.sigma_bounds, o.tolerance, o.halvings)
     peft_model.eval()
-    nll_mean = _pass_nll(peft_model, batches, nll, tick) / count  # the original LoRA: the input is still intact
+    labels = data.predictions(peft_model) if pseudo else None
+    nll_mean = float(-data.logps(peft_model, labels).sum() / data.count)  # the original LoRA: still intact
     if not math.isfinite(nll_mean):
         raise InputError(f"the anchor NLL of the LoRA adapter is {nll_mean} (not finite): check the anchor data")
-    threshold = math.inf if math.isinf(o.epsilon) else (1.0 + o.epsilon) * nll_mean
+    allowed = o.allowed_change(data.count)
+    threshold = math.inf if math.isinf(allowed) else nll_mean + allowed * abs(nll_mean)
     model, scales = _build(peft_model, *plan)
+
+    trace = []  # (sigma, NLL) of every evaluation, in order
 
     def nll_at(sigma: float) -> float:
         set_sigma(model, scales, sigma, o.std_param)
-        return expected_nll(model, batches, nll, count, o.samples, o.seed, tick)
+        trace.append([sigma, anchor_nll(model, data, labels, o.samples, o.seed, o.nll == "predictive")])
+        return trace[-1][1]
 
     with sampling(model, False):  # outside posterior_sample: the mean
-        sigma, nll_sigma, upper, nll_upper, n_evals = search_sigma(nll_at, threshold, o.sigma_bounds, o.tolerance)
+        found = _search(o, nll_at, threshold, nll_mean, allowed)
+    sigma, nll_sigma, upper, nll_upper, n_evals = found
     set_sigma(model, scales, sigma, o.std_param)
-    tick.finish()
-    found = {"sigma": sigma, "nll_mean": nll_mean, "nll_at_sigma": nll_sigma, "threshold": threshold}
-    found |= {"sigma_upper": upper, "nll_upper": nll_upper, "n_evals": n_evals, "n_anchor": count, "unit": unit}
-    settings = {"epsilon": float(o.epsilon), "tolerance": float(o.tolerance), "std_param": str(o.std_param)}
-    settings |= {"sigma_bounds": o.sigma_bounds, "samples": o.samples, "seed": o.seed}
-    return model, TfbResult(**found, **settings)
+    data.finish()
+    result = {"sigma": sigma, "nll_mean": nll_mean, "nll_at_sigma": nll_sigma, "threshold": threshold}
+    result |= {"sigma_upper": upper, "nll_upper": nll_upper, "n_evals": n_evals, "n_anchor": data.count}
+    seconds = round(time.perf_counter() - t0, 3)
+    return model, TfbResult(**result, **_settings(o, data.unit), search_seconds=seconds, trace=trace)
+
+
+def _settings(o: TfbOptions, unit: str) -> dict:
+    """The options a `TfbResult` records (plain JSON values)."""
+    settings = {k: getattr(o, k) for k in ("sigma_bounds", "samples", "seed", "halvings", "per_anchor")}
+    settings |= {k: str(getattr(o, k)) for k in ("std_param", "nll", "labels", "search")}
+    return settings | {"epsilon": float(o.epsilon), "tolerance": float(o.tolerance), "unit": unit}
+
+
+def _search(o: TfbOptions, nll_at: Callable[[float], float], threshold: float, nll_mean: float, allowed: float):
+    if o.search == "halving":
+        violates = lambda v: abs(v - nll_mean) > allowed * abs(nll_mean)  # noqa: E731
+        return halving_search(violates, nll_at, o.sigma_bounds, o.halvings)
+    if o.search == "bisection":
+        return search_sigma(nll_at, threshold, o.sigma_bounds, o.tolerance)
+    return interpolation_search(nll_at, threshold, o.sigma_bounds, o.tolerance, nll_mean)
 
 
 # --- persistence -------------------------------------------------------------------------------------------------
@@ -481,12 +498,25 @@ class Tfb(BayesLoraPosterior):
             return
         g = parser.add_argument_group("training-free Bayesianization (evaluate.py --posterior tfb)")
         add_option_flags(g, TfbOptions)
+        g.add_argument("--tfb_sigma_bounds", default=None, help="lower,upper sigma of the search (default: 1e-06,1.0)")
+
+    @staticmethod
+    def options_from_args(args) -> TfbOptions:
+        """TfbOptions from evaluate.py's flags (the search's seed is --seed)."""
+
+        def build() -> TfbOptions:
+            values = option_values(TfbOptions, args)
+            if args.tfb_sigma_bounds is not None:
+                values["sigma_bounds"] = parse_sigma_bounds(args.tfb_sigma_bounds)
+            return TfbOptions(**values, seed=args.seed)
+
+        return with_flag_names(TfbOptions, build)
 
     @classmethod
     def check_args(cls, args) -> None:
         if args.tfb_epsilon is not None and not args.tfb_epsilon > 0:
             raise InputError(f"--tfb_epsilon must be a positive relative threshold, got {args.tfb_epsilon}")
-        options_from_args(TfbOptions, args)
+        cls.options_from_args(args)
         if not args.fit_data_path and not args.adapter:
             raise InputError("--posterior tfb needs --adapter (a trained LoRA adapter)")
 
@@ -503,22 +533,31 @@ class Tfb(BayesLoraPosterior):
         args = work.args
         folder = posterior_folder(require_adapter(args, cls.name), cls.name)
         if args.fit_data_path:
-            likelihood = "choice" if is_choice_data(args.fit_data_path) else "lm"
-            batches = list(work.batches(args.fit_data_path, args.fit_limit, likelihood, 4))
-            options = options_from_args(TfbOptions, args, seed=args.seed)
-            bayes_model, result = bayesianize(work.model, batches, options, progress=work.progress("TFB sigma search"))
-            save_tfb(bayes_model, result, folder)
-            if not work.quiet:
-                print(
-                    f"TFB: sigma {result.sigma:.4g} (anchor NLL {result.nll_mean:.4f} -> {result.nll_at_sigma:.4f}, "
-                    f"threshold {result.threshold:.4f}, {result.n_evals} evaluations); BayesLoRA adapter saved to "
-                    f"{folder}"
-                )
-            return cls(bayes_model)
+            return cls(cls.fit_and_save(work, args.fit_data_path, folder))
         if not os.path.isdir(folder):
             raise InputError(f"no saved TFB adapter in {folder}: give --fit_data_path (an anchor set) to make one")
         load_tfb_result(folder)  # a one-line error when the folder is not a TFB adapter
         return cls(PeftModel.from_pretrained(work.model.unload(), folder).eval())
+
+    @classmethod
+    def fit_and_save(cls, work, path: str, folder: str):
+        """The BayesLoRA model TFB makes on the anchor set ``path``: multiple-choice anchors scored as the test set
+        is (the evaluation's fast path, ``--batch_size``), response tokens as differentiable batches."""
+        args = work.args
+        if work.choice_data and is_choice_data(path):
+            anchors = work.scorer(path, args.fit_limit)
+        else:
+            anchors = list(work.batches(path, args.fit_limit, "choice" if is_choice_data(path) else "lm", 4))
+        options = cls.options_from_args(args)
+        bayes_model, result = bayesianize(work.model, anchors, options, progress=work.progress("TFB sigma search"))
+        save_tfb(bayes_model, result, folder)
+        if not work.quiet:
+            print(
+                f"TFB: sigma {result.sigma:.4g} (anchor NLL {result.nll_mean:.4f} -> {result.nll_at_sigma:.4f}, "
+                f"threshold {result.threshold:.4f}, {result.n_evals} evaluations, {result.search_seconds:.0f} s); "
+                f"BayesLoRA adapter saved to {folder}"
+            )
+        return bayes_model
 
     def summary(self) -> dict:
         return {"posterior": BayesLoraPosterior.name, "bayes_eval_draw": self.eval_draw}

@@ -31,8 +31,9 @@ STEPS = ["install", "env", "kernels", "sampled_lora", "smoke", "kfac", "step", "
 def _run(*args, timeout=60):
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -75,9 +76,15 @@ def _sampled_rows(ratio_fp, ratio_nf4, extra_mib):
         for tokens in (512, 4096):
             common = {"base": base, "shape": "4096x4096", "d_in": 4096, "d_out": 4096, "tokens": tokens, "rank": 16,
                       "dtype": "bfloat16"}  # fmt: skip
-            rows.append({**common, "config": "fused_bayeslora", "kernel": "triton",
-                         "fwdbwd_vs_peft_lora": ratio if tokens == 4096 else 9.0,
-                         "extra_peak_vs_peft_lora_mib": extra_mib})  # fmt: skip
+            rows.append(
+                {
+                    **common,
+                    "config": "fused_bayeslora",
+                    "kernel": "triton",
+                    "fwdbwd_vs_peft_lora": ratio if tokens == 4096 else 9.0,
+                    "extra_peak_vs_peft_lora_mib": extra_mib,
+                }
+            )
     return rows
 
 

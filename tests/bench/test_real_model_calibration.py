@@ -34,6 +34,13 @@ def _bench_module():
     return sys.modules[spec.name]
 
 
+def _report_module():
+    _bench_module()  # puts bench/ on sys.path for its siblings
+    import real_model_report
+
+    return real_model_report
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from peft_bayes.data.synthetic import write_choice_data
@@ -41,16 +48,42 @@ def tiny_setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("real_bench")
     write_choice_data(str(root / "data" / TASK), 4, 3, seed=0, n_options=4)
-    model = save_tiny_model(root / "model", "llama", tokenizer=build_tokenizer(), hidden_size=32, num_layers=1,
-                            num_heads=2, seed=0)  # fmt: skip
+    model = save_tiny_model(
+        root / "model", "llama", tokenizer=build_tokenizer(), hidden_size=32, num_layers=1, num_heads=2, seed=0
+    )
     return root, model
 
 
 def _flags(root: Path, model: str, out: Path, *extra: str) -> list[str]:
-    return ["--base_model", model, "--data_dir", str(root / "data"), "--task", TASK, "--n_train", "2", "--n_test", "3",
-            "--max_steps", "1", "--samples", "2", "--batch_size", "2", "--micro_batch_size", "2",
-            "--prompt_template", "alpaca_short", "--threads", "1", "--output_dir", str(out),
-            "--work_dir", str(out / "work"), *extra]  # fmt: skip
+    return [
+        "--base_model",
+        model,
+        "--data_dir",
+        str(root / "data"),
+        "--task",
+        TASK,
+        "--n_train",
+        "2",
+        "--n_test",
+        "3",
+        "--max_steps",
+        "1",
+        "--samples",
+        "2",
+        "--batch_size",
+        "2",
+        "--micro_batch_size",
+        "2",
+        "--prompt_template",
+        "alpaca_short",
+        "--threads",
+        "1",
+        "--output_dir",
+        str(out),
+        "--work_dir",
+        str(out / "work"),
+        *extra,
+    ]
 
 
 def _run(root: Path, model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -88,8 +121,14 @@ def test_bench_runs_every_method_and_writes_table_json_and_figures(tiny_setup):
 
     data = json.loads(stem.with_suffix(".json").read_text())
     commands = data["commands"]
-    assert [c.split()[1] for c in commands] == ["evaluate.py", "train.py", "evaluate.py", "train.py", "evaluate.py",
-                                                "evaluate.py"]  # fmt: skip
+    assert [c.split()[1] for c in commands] == [
+        "evaluate.py",
+        "train.py",
+        "evaluate.py",
+        "train.py",
+        "evaluate.py",
+        "evaluate.py",
+    ]
     assert "--adapter_name bayeslora" in commands[3] and "--choice_format cloze" in commands[3]
     assert "--samples 2" in commands[4] and "--samples 0" in commands[5]
     by_row = {r["row"]: r for r in data["results"]}
@@ -134,13 +173,22 @@ def test_methods_select_variants_and_reject_unknown_names(capsys):
 def test_table_reports_mean_and_std_over_seeds():
     bench = _bench_module()
     args = bench.parse_args(["--methods", "lora"])
-    summaries = [{"accuracy_percent": a, "ece_percent": 10.0, "nll_nats": 1.0, "brier_sum_over_classes": 0.5,
-                  "examples_per_s": 3.0} for a in (40.0, 50.0)]  # fmt: skip
+    summaries = [
+        {
+            "accuracy_percent": a,
+            "ece_percent": 10.0,
+            "nll_nats": 1.0,
+            "brier_sum_over_classes": 0.5,
+            "examples_per_s": 3.0,
+        }
+        for a in (40.0, 50.0)
+    ]
     results = [{"row": "lora", "train_seconds": 120.0, "summary": s} for s in summaries]
-    (row,) = bench.aggregate(args, results)
+    report = _report_module()
+    (row,) = report.aggregate(args, results)
     assert row["ACC %"]["mean"] == 45.0 and math.isclose(row["ACC %"]["std"], math.sqrt(50.0))
     assert row["train minutes"] == {"mean": 2.0, "std": 0.0}
-    assert "| LoRA (MAP) | 45.00 ± 7.07 | 10.00 ± 0.00 |" in bench.markdown([row])
+    assert "| LoRA (MAP) | 45.00 ± 7.07 | 10.00 ± 0.00 |" in report.markdown([row])
 
 
 def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_setup):
@@ -150,9 +198,29 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     root, model = tiny_setup
     out = root / "out-all"
     methods = "lora,temperature,mc_dropout,ensemble,swag,multiswag,tfb,laplace:all"
-    proc = _run(root, model, out, "--methods", methods, "--ood_task", TASK, "--ensemble_size", "2",
-                "--lora_dropout", "0.1", "--n_val", "1", "--tfb_anchor", "2", "--swag_start", "0steps",
-                "--max_steps", "2", "--n_train", "3")  # fmt: skip
+    proc = _run(
+        root,
+        model,
+        out,
+        "--methods",
+        methods,
+        "--ood_task",
+        TASK,
+        "--ensemble_size",
+        "2",
+        "--lora_dropout",
+        "0.1",
+        "--n_val",
+        "1",
+        "--tfb_anchor",
+        "2",
+        "--swag_start",
+        "0steps",
+        "--max_steps",
+        "2",
+        "--n_train",
+        "3",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     data = json.loads((out / f"real_model_calibration_{TASK}.json").read_text())
     rows = {r["row"]: r for r in data["table"]}
@@ -173,9 +241,30 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
     assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
     # --resume reuses every training (the ensemble members too) and every evaluation
-    again = _run(root, model, out, "--methods", methods, "--ood_task", TASK, "--ensemble_size", "2",
-                 "--lora_dropout", "0.1", "--n_val", "1", "--tfb_anchor", "2", "--swag_start", "0steps",
-                 "--max_steps", "2", "--n_train", "3", "--resume")  # fmt: skip
+    again = _run(
+        root,
+        model,
+        out,
+        "--methods",
+        methods,
+        "--ood_task",
+        TASK,
+        "--ensemble_size",
+        "2",
+        "--lora_dropout",
+        "0.1",
+        "--n_val",
+        "1",
+        "--tfb_anchor",
+        "2",
+        "--swag_start",
+        "0steps",
+        "--max_steps",
+        "2",
+        "--n_train",
+        "3",
+        "--resume",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(train-lora-m1) (reused" in again.stdout and "(train-swag-m1) (reused" in again.stdout
     assert json.loads((out / f"real_model_calibration_{TASK}.json").read_text())["commands"] == []
@@ -223,7 +312,7 @@ def test_missing_data_sets_exit_2_with_one_line_naming_data_dir(tmp_path, capsys
 
 
 def test_conclusion_sets_each_sampled_bayesian_row_against_the_map():
-    bench = _bench_module()
+    report = _report_module()
 
     def row(key, label, ece, acc):
         return {"row": key, "label": label, "ECE %": {"mean": ece, "std": 1.0}, "ACC %": {"mean": acc, "std": 0.0}}
@@ -235,7 +324,7 @@ def test_conclusion_sets_each_sampled_bayesian_row_against_the_map():
         row("bayeslora:mean", "BayesLoRA (mean)", 33.6, 54.0),
         row("bayeslora_single:samples", "BayesLoRA, one AdamW (N=10)", 8.0, 50.0),
     ]
-    line = bench.conclusion(rows)
+    line = report.conclusion(rows)
     assert "lowest ECE: BayesLoRA, one AdamW (N=10) 8.0 % (0.25 x the MAP's) at 50.0 % accuracy" in line
     assert line.endswith(
         "; temperature scaling 14.0 % at 54.0 %; BayesLoRA (N=10) 33.6 % (1.05 x the MAP's) at 54.0 %"

@@ -31,9 +31,23 @@ TEMPLATE = "alpaca_short"  # the template train_argv trains with
 
 def _eval_argv(base, data, out, *extra):
     return [
-        "--base_model", str(base), "--data_path", str(data), "--output_dir", str(out), "--limit", "6",
-        "--batch_size", "4", "--max_new_tokens", "6", "--prompt_template", TEMPLATE, "--quiet", *map(str, extra),
-    ]  # fmt: skip
+        "--base_model",
+        str(base),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--limit",
+        "6",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "6",
+        "--prompt_template",
+        TEMPLATE,
+        "--quiet",
+        *map(str, extra),
+    ]
 
 
 def _check_eval_outputs(out_dir, data_file, n=6) -> tuple[dict, list[dict]]:

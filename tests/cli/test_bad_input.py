@@ -116,9 +116,13 @@ def test_train_rejects_bad_input(case, llama_dir, data_file, tmp_path, existing_
 def test_train_subprocess_exit_code_and_single_line(tmp_path, llama_dir, data_file, train_argv, existing_output):
     argv = _override(train_argv(llama_dir, data_file, existing_output), ["--adapter_name", "nonsense"])
     proc = subprocess.run(
-        [sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "train.py", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert _error_line(proc.stderr) == (
         "error: unknown --adapter_name 'nonsense'; expected one of: " + ", ".join(_adapter_names())

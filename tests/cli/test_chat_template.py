@@ -33,8 +33,23 @@ def test_train_evaluate_generate_with_chat_template(chat_model_dir, data_file, t
     args = json.loads((out / "train_args.json").read_text())
     assert args["prompt_template"] == "chat" and args["optimizer_steps"] == 2
     flags = ["--base_model", chat_model_dir, "--adapter", str(out), "--prompt_template", "chat"]
-    assert evaluate.main([*flags, "--data_path", data_file, "--limit", "3", "--max_new_tokens", "4",
-                          "--output_dir", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    assert (
+        evaluate.main(
+            [
+                *flags,
+                "--data_path",
+                data_file,
+                "--limit",
+                "3",
+                "--max_new_tokens",
+                "4",
+                "--output_dir",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "arith_predictions.json").read_text())
     first = json.loads(open(data_file, encoding="utf-8").read())[0]["instruction"]
     assert rows[0]["prompt"] == f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n"
@@ -51,6 +66,18 @@ def test_chat_without_template_fails_before_the_model_loads(llama_dir, data_file
     with pytest.raises(InputError, match=message):
         generate.main(["--base_model", llama_dir, "--prompt_template", "chat", "--instruction", "Hi"])
     with pytest.raises(InputError, match=message):
-        train.main(["--base_model", llama_dir, "--data_path", data_file, "--output_dir", str(tmp_path / "o"),
-                    "--prompt_template", "chat", "--val_set_size", "0"])  # fmt: skip
+        train.main(
+            [
+                "--base_model",
+                llama_dir,
+                "--data_path",
+                data_file,
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--prompt_template",
+                "chat",
+                "--val_set_size",
+                "0",
+            ]
+        )
     assert not (tmp_path / "o").exists()

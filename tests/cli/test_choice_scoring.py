@@ -294,8 +294,10 @@ def test_bad_scoring_arguments(llama_dir):
 def commonsense_file(tmp_path_factory):
     """The six questions above as a test set, each with a gold answer."""
     golds = ["answer1", "true", "solution1", "option2", "ending1", "answer5"]
-    records = [{"instruction": q, "input": "", "output": f"the correct answer is {g}", "answer": g}
-               for q, g in zip(QUESTIONS, golds)]  # fmt: skip
+    records = [
+        {"instruction": q, "input": "", "output": f"the correct answer is {g}", "answer": g}
+        for q, g in zip(QUESTIONS, golds)
+    ]
     path = tmp_path_factory.mktemp("cs") / "mixed.json"
     path.write_text(json.dumps(records))
     return path
@@ -311,8 +313,9 @@ def _evaluate(llama_dir, data, out, *extra):
 
 def test_evaluate_cloze_shared_equals_full(llama_dir, commonsense_file, tmp_path):
     shared, rows = _evaluate(llama_dir, commonsense_file, tmp_path / "s", "--choice_format", "cloze")
-    full, rows_full = _evaluate(llama_dir, commonsense_file, tmp_path / "f", "--choice_format", "cloze",
-                                "--choice_scoring", "full")  # fmt: skip
+    full, rows_full = _evaluate(
+        llama_dir, commonsense_file, tmp_path / "f", "--choice_format", "cloze", "--choice_scoring", "full"
+    )
     assert shared["choice_format"] == "cloze" and shared["choice_scoring"] == "shared" and shared["n"] == 6
     assert rows[0]["option_texts"] == ["four legs", "two", "three small ones", "none at all"]
     assert "Answer1" not in rows[0]["prompt"] and rows[0]["options"][0] == "answer1"
@@ -337,8 +340,22 @@ def test_evaluate_cloze_bad_record_is_one_line(llama_dir, tmp_path, capsys):
 
 def test_train_cloze_turns_records_into_option_texts(llama_dir, commonsense_file, tmp_path, train_argv):
     out = tmp_path / "adapter"
-    assert train_main(train_argv(llama_dir, commonsense_file, out, "--choice_format", "cloze",
-                                 "--micro_batch_size", "2", "--batch_size", "2")) == 0  # fmt: skip
+    assert (
+        train_main(
+            train_argv(
+                llama_dir,
+                commonsense_file,
+                out,
+                "--choice_format",
+                "cloze",
+                "--micro_batch_size",
+                "2",
+                "--batch_size",
+                "2",
+            )
+        )
+        == 0
+    )
     assert (out / "adapter_model.safetensors").is_file()
     from peft_bayes.cli.train import build_parser, load_data
 

@@ -33,10 +33,16 @@ def _single_and_two_processes(run, train_argv, llama_dir, data_file, tmp_path, c
     single, multi = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, "train.py", *train_argv(llama_dir, data_file, single), *common], ENV)
     proc = run(
-        ["torchrun", "--nproc_per_node=2", f"--master_port={port}", "train.py",
-         *train_argv(llama_dir, data_file, multi), *common],
+        [
+            "torchrun",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "train.py",
+            *train_argv(llama_dir, data_file, multi),
+            *common,
+        ],
         ENV,
-    )  # fmt: skip
+    )
     return single, multi, proc
 
 
@@ -97,10 +103,24 @@ def test_accelerate_launch_runs_train_py(llama_dir, data_file, tmp_path, train_a
     plain, launched = tmp_path / "plain", tmp_path / "launched"
     run_or_dump_stacks([sys.executable, "train.py", *train_argv(llama_dir, data_file, plain), *common], ENV)
     run_or_dump_stacks(
-        ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "train.py", *train_argv(llama_dir, data_file, launched), *common],
+        [
+            "accelerate",
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "train.py",
+            *train_argv(llama_dir, data_file, launched),
+            *common,
+        ],
         ENV,
-    )  # fmt: skip
+    )
     a = load_file(plain / "adapter_model.safetensors")
     b = load_file(launched / "adapter_model.safetensors")
     for k in a:

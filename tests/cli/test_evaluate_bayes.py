@@ -225,9 +225,21 @@ def test_sampled_math_generations_are_voted(bayes_model, llama_dir, tmp_path, da
     adapter = tmp_path / "bayes"
     bayes_model[0].save_pretrained(adapter)
     summary, rows = _eval(
-        llama_dir, tmp_path / "out", "--adapter", adapter, "--data_path", data_file, "--limit", 4,
-        "--samples", 3, "--seed", 5, "--max_new_tokens", 4,
-    )  # fmt: skip
+        llama_dir,
+        tmp_path / "out",
+        "--adapter",
+        adapter,
+        "--data_path",
+        data_file,
+        "--limit",
+        4,
+        "--samples",
+        3,
+        "--seed",
+        5,
+        "--max_new_tokens",
+        4,
+    )
     assert summary["scoring"] == "generation-vote" and summary["samples"] == 3 and summary["seed"] == 5
     assert {"accuracy_percent", "ece_percent", "auroc"} <= set(summary)
     model, tok = load_eval_model(argparse.Namespace(**_args(llama_dir, adapter)))
@@ -242,8 +254,14 @@ def test_sampled_math_generations_are_voted(bayes_model, llama_dir, tmp_path, da
 
 
 def _args(base, adapter):
-    return {"base_model": str(base), "adapter": str(adapter), "adapter_name": None, "trust_remote_code": False,
-            "load_8bit": False, "load_4bit": False}  # fmt: skip
+    return {
+        "base_model": str(base),
+        "adapter": str(adapter),
+        "adapter_name": None,
+        "trust_remote_code": False,
+        "load_8bit": False,
+        "load_4bit": False,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,9 +312,15 @@ def test_choice_evaluation_with_trained_bayeslora(llama_dir, choice_data, tmp_pa
 
 def test_ood_auroc_from_predictive_entropy(llama_dir, choice_data, tmp_path):
     summary, rows = _eval(
-        llama_dir, tmp_path / "out", "--data_path", choice_data["test"], "--ood_data_path", choice_data["ood"],
-        "--limit", 6,
-    )  # fmt: skip
+        llama_dir,
+        tmp_path / "out",
+        "--data_path",
+        choice_data["test"],
+        "--ood_data_path",
+        choice_data["ood"],
+        "--limit",
+        6,
+    )
     ood_rows = json.loads((tmp_path / "out" / "test_ood_test_predictions.json").read_text())
     assert summary["ood_n"] == len(ood_rows) == 6 and summary["ood_data_path"] == choice_data["ood"]
 

@@ -152,10 +152,24 @@ def test_missing_hub_model_without_network_is_one_quick_error(data_file, tmp_pat
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed}", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run(
-        [sys.executable, "train.py", "--base_model", "modle", "--data_path", data_file, "--val_set_size", "5000",
-         "--output_dir", str(tmp_path / "out")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "train.py",
+            "--base_model",
+            "modle",
+            "--data_path",
+            data_file,
+            "--val_set_size",
+            "5000",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: base model 'modle' could not be loaded")

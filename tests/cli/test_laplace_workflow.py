@@ -43,14 +43,16 @@ def test_train_saves_a_posterior_that_evaluate_reuses(trained, llama_dir, choice
     config = json.load(open(os.path.join(folder, "posterior_config.json")))
     assert config["posterior"] == "laplace" and config["n_data"] == 12
     assert config["options"]["likelihood"] == "choice" and config["options"]["fisher"] == "exact"
-    summary, rows = _eval(llama_dir, tmp_path / "a", "--adapter", trained, "--data_path", choice_sets["test"],
-                          "--posterior", "laplace")  # fmt: skip
+    summary, rows = _eval(
+        llama_dir, tmp_path / "a", "--adapter", trained, "--data_path", choice_sets["test"], "--posterior", "laplace"
+    )
     assert summary["posterior"] == "laplace" and summary["samples"] == 0  # probit: closed form
     assert summary["laplace"]["n_fit"] == 12
     map_summary, map_rows = _eval(llama_dir, tmp_path / "b", "--adapter", trained, "--data_path", choice_sets["test"])
     assert map_summary["posterior"] == "map"
-    none_summary, none_rows = _eval(llama_dir, tmp_path / "c", "--adapter", trained, "--data_path",
-                                    choice_sets["test"], "--posterior", "none")  # fmt: skip
+    none_summary, none_rows = _eval(
+        llama_dir, tmp_path / "c", "--adapter", trained, "--data_path", choice_sets["test"], "--posterior", "none"
+    )
     assert none_summary["posterior"] == "map" and [r["probs"] for r in none_rows] == [r["probs"] for r in map_rows]
     # Another predictive over the same options: each example's probabilities differ from MAP's and sum to 1.
     for lap, mp in zip(rows, map_rows):
@@ -65,17 +67,44 @@ def test_evaluate_fits_with_fit_data_path_and_mc_link(trained, llama_dir, choice
     adapter = tmp_path / "adapter"
     shutil.copytree(trained, adapter)
     shutil.rmtree(adapter / "posterior")
-    summary, rows = _eval(llama_dir, tmp_path / "o", "--adapter", adapter, "--data_path", choice_sets["test"],
-                          "--posterior", "laplace", "--fit_data_path", choice_sets["train"],
-                          "--laplace_structure", "diag", "--link", "mc", "--samples", "50")  # fmt: skip
+    summary, rows = _eval(
+        llama_dir,
+        tmp_path / "o",
+        "--adapter",
+        adapter,
+        "--data_path",
+        choice_sets["test"],
+        "--posterior",
+        "laplace",
+        "--fit_data_path",
+        choice_sets["train"],
+        "--laplace_structure",
+        "diag",
+        "--link",
+        "mc",
+        "--samples",
+        "50",
+    )
     assert summary["laplace"]["structure"] == "diag" and summary["samples"] == 50
     assert (adapter / "posterior" / "laplace" / "posterior.safetensors").is_file()
     assert all(abs(sum(r["probs"]) - 1) < 1e-9 for r in rows)
 
 
 def test_nn_predictive_samples_weights(trained, llama_dir, choice_sets, tmp_path):
-    summary, rows = _eval(llama_dir, tmp_path / "o", "--adapter", trained, "--data_path", choice_sets["test"],
-                          "--posterior", "laplace", "--laplace_predictive", "nn", "--samples", "3")  # fmt: skip
+    summary, rows = _eval(
+        llama_dir,
+        tmp_path / "o",
+        "--adapter",
+        trained,
+        "--data_path",
+        choice_sets["test"],
+        "--posterior",
+        "laplace",
+        "--laplace_predictive",
+        "nn",
+        "--samples",
+        "3",
+    )
     assert summary["samples"] == 3 and summary["laplace"]["predictive"] == "nn"
 
 
@@ -93,11 +122,22 @@ def test_lm_likelihood_on_generation_data(llama_dir, tmp_path, train_argv):
     [
         (["--link", "mc"], "^--link applies to --posterior laplace only"),
         (["--posterior", "laplace"], "^no saved Laplace posterior in .*: give --fit_data_path"),
-        (["--posterior", "laplace", "--fit_data_path", "X", "--laplace_fisher", "exact", "--laplace_likelihood", "lm"],
-         "^--laplace_fisher exact needs --laplace_likelihood choice"),
+        (
+            [
+                "--posterior",
+                "laplace",
+                "--fit_data_path",
+                "X",
+                "--laplace_fisher",
+                "exact",
+                "--laplace_likelihood",
+                "lm",
+            ],
+            "^--laplace_fisher exact needs --laplace_likelihood choice",
+        ),
         (["--posterior", "laplace", "--prior_method", "val", "--fit_data_path", "X"], "^--prior_method val needs"),
     ],
-)  # fmt: skip
+)
 def test_bad_posterior_flags(extra, message, llama_dir, choice_sets, tmp_path, train_argv):
     adapter = tmp_path / "adapter"
     assert train_main(train_argv(llama_dir, choice_sets["train"], adapter)) == 0

@@ -34,8 +34,9 @@ def choice_file(tmp_path_factory):
 def tied_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny LLaMA whose lm_head is its input embedding (as SmolLM2's)."""
     folder = tmp_path_factory.mktemp("tied") / "llama"
-    return save_tiny_model(folder, "llama", tokenizer=tiny_tokenizer, hidden_size=32, num_heads=4,
-                           tie_word_embeddings=True)  # fmt: skip
+    return save_tiny_model(
+        folder, "llama", tokenizer=tiny_tokenizer, hidden_size=32, num_heads=4, tie_word_embeddings=True
+    )
 
 
 def _letter_argv(train_argv, base, data, out, *extra):
@@ -68,9 +69,24 @@ def test_evaluate_letter_equals_a_per_option_computation(llama_dir, choice_file,
 @pytest.mark.parametrize("adapter", ["lora", "bayeslora"])
 def test_head_adapter_on_tied_embeddings_round_trips(adapter, tied_dir, choice_file, tmp_path, train_argv):
     out = tmp_path / adapter
-    argv = _letter_argv(train_argv, tied_dir, choice_file, out, "--adapter_name", adapter, "--lora_r", "4",
-                        "--target_modules", "q_proj,v_proj,lm_head", "--max_steps", "3", "--save_step", "2",
-                        "--learning_rate", "5e-2")  # fmt: skip
+    argv = _letter_argv(
+        train_argv,
+        tied_dir,
+        choice_file,
+        out,
+        "--adapter_name",
+        adapter,
+        "--lora_r",
+        "4",
+        "--target_modules",
+        "q_proj,v_proj,lm_head",
+        "--max_steps",
+        "3",
+        "--save_step",
+        "2",
+        "--learning_rate",
+        "5e-2",
+    )
     assert train_main(argv) == 0
     weights = load_file(out / "adapter_model.safetensors")
     assert any("lm_head.lora_A" in k for k in weights) and any("lm_head.lora_B" in k for k in weights)
@@ -84,8 +100,10 @@ def test_head_adapter_on_tied_embeddings_round_trips(adapter, tied_dir, choice_f
     assert model.get_output_embeddings().base_layer.weight is model.get_input_embeddings().weight  # still tied
     torch.testing.assert_close(model.get_input_embeddings().weight, embedding, rtol=0, atol=0)
     tokenizer = AutoTokenizer.from_pretrained(tied_dir)
-    rows = [tokenize_letter_record(r, tokenizer, Prompter.from_name("alpaca_short"), 64)
-            for r in json.loads(choice_file.read_text())[:6]]  # fmt: skip
+    rows = [
+        tokenize_letter_record(r, tokenizer, Prompter.from_name("alpaca_short"), 64)
+        for r in json.loads(choice_file.read_text())[:6]
+    ]
     batch = LetterCollator(tokenizer.pad_token_id)(rows)
     with torch.no_grad():
         adapted = letter_logits(model, batch["input_ids"], batch["attention_mask"], batch["choice_ids"])
@@ -99,15 +117,30 @@ def test_trained_head_adapter_reloads_with_identical_outputs(tied_dir, choice_fi
     from transformers import TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(tied_dir)
-    rows = [tokenize_letter_record(r, tokenizer, Prompter.from_name("alpaca_short"), 64)
-            for r in json.loads(choice_file.read_text())[:8]]  # fmt: skip
+    rows = [
+        tokenize_letter_record(r, tokenizer, Prompter.from_name("alpaca_short"), 64)
+        for r in json.loads(choice_file.read_text())[:8]
+    ]
     config = BayesLoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "lm_head"])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tied_dir), config)
-    args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False,
-                             disable_tqdm=True)  # fmt: skip
-    PeftBayesTrainer(model=model, args=args, train_dataset=rows, data_collator=LetterCollator(tokenizer.pad_token_id),
-                     n_train=len(rows)).train()  # fmt: skip
+    args = TrainingArguments(
+        str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    PeftBayesTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=LetterCollator(tokenizer.pad_token_id),
+        n_train=len(rows),
+    ).train()
     model.save_pretrained(tmp_path / "saved", save_embedding_layers=False)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied_dir), tmp_path / "saved").eval()
     batch = LetterCollator(tokenizer.pad_token_id)(rows)

@@ -91,8 +91,9 @@ def _eval(base, out, *extra):
 
 def test_a_registered_posterior_goes_through_both_scripts(toy, llama_dir, choice_sets, tmp_path, train_argv):
     adapter = tmp_path / "adapter"
-    argv = train_argv(llama_dir, choice_sets["train"], adapter, "--posterior", "toy", "--toy_mix", "0.25",
-                      "--fit_limit", "10")  # fmt: skip
+    argv = train_argv(
+        llama_dir, choice_sets["train"], adapter, "--posterior", "toy", "--toy_mix", "0.25", "--fit_limit", "10"
+    )
     assert train_main(argv) == 0
     saved = json.loads((adapter / "posterior" / "toy" / "posterior_config.json").read_text())
     assert saved == {"posterior": "toy", "mix": 0.25, "n_data": 10}  # fitted on the first 10 training examples
@@ -113,9 +114,11 @@ def test_its_flags_are_checked_like_the_built_in_ones(toy, llama_dir, choice_set
     for extra, message in [
         (["--toy_mix", "0.5"], "error: --toy_mix applies to --posterior toy only (got --posterior auto)"),
         (["--posterior", "toy", "--toy_mix", "2"], "error: --toy_mix must be in [0, 1], got 2.0"),
-        (["--posterior", "toy", "--fit_data_path", "x.json"],
-         "error: --fit_data_path applies to --posterior laplace / temperature / tfb only (got --posterior toy)"),
-    ]:  # fmt: skip
+        (
+            ["--posterior", "toy", "--fit_data_path", "x.json"],
+            "error: --fit_data_path applies to --posterior laplace / temperature / tfb only (got --posterior toy)",
+        ),
+    ]:
         assert run_cli(evaluate_main, base + extra) == 2
         assert capsys.readouterr().err.strip() == message
     assert not any(Path(tmp_path).iterdir())  # nothing written

@@ -35,8 +35,20 @@ def adapters(llama_dir, choice_sets, tmp_path_factory, train_argv):
     out = []
     for seed in (0, 1):
         folder = tmp_path_factory.mktemp(f"member{seed}")
-        argv = train_argv(llama_dir, choice_sets["train"], folder, "--seed", seed, "--lora_dropout", "0.1",
-                          "--max_steps", "3", "--learning_rate", "1e-2", *SWAG)  # fmt: skip
+        argv = train_argv(
+            llama_dir,
+            choice_sets["train"],
+            folder,
+            "--seed",
+            seed,
+            "--lora_dropout",
+            "0.1",
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            *SWAG,
+        )
         assert train_main(argv) == 0
         out.append(str(folder))
     return out
@@ -54,8 +66,17 @@ def test_ensemble_averages_the_members_probabilities(adapters, llama_dir, choice
     test = ["--data_path", choice_sets["test"]]
     singles = [_eval(llama_dir, tmp_path / f"m{i}", "--adapter", a, *test)[1] for i, a in enumerate(adapters)]
     assert not torch.allclose(singles[0], singles[1], atol=1e-4)  # the members differ
-    summary, probs = _eval(llama_dir, tmp_path / "ens", "--adapter", adapters[0], "--members", adapters[1],
-                           "--posterior", "ensemble", *test)  # fmt: skip
+    summary, probs = _eval(
+        llama_dir,
+        tmp_path / "ens",
+        "--adapter",
+        adapters[0],
+        "--members",
+        adapters[1],
+        "--posterior",
+        "ensemble",
+        *test,
+    )
     assert summary["posterior"] == "ensemble" and summary["samples"] == 2
     torch.testing.assert_close(probs, (singles[0] + singles[1]) / 2, rtol=0, atol=1e-6)
 
@@ -67,8 +88,9 @@ def test_temperature_fits_saves_and_is_reused(adapters, llama_dir, choice_sets, 
     shutil.copytree(adapters[0], adapter)
     test = ["--adapter", adapter, "--data_path", choice_sets["test"]]
     _, plain = _eval(llama_dir, tmp_path / "map", *test)
-    summary, probs = _eval(llama_dir, tmp_path / "t", *test, "--posterior", "temperature", "--fit_data_path",
-                           choice_sets["train"])  # fmt: skip
+    summary, probs = _eval(
+        llama_dir, tmp_path / "t", *test, "--posterior", "temperature", "--fit_data_path", choice_sets["train"]
+    )
     T = summary["temperature"]["temperature"]
     assert summary["samples"] == 0 and summary["temperature"]["n_data"] == 12 and T != pytest.approx(1.0)
     # independent: softmax(log p / T) of the plain adapter's probabilities
@@ -87,21 +109,32 @@ def test_mc_dropout_uses_the_adapters_rate_and_rate_zero_is_the_adapter(adapters
     assert not torch.allclose(probs, plain, atol=1e-6)
     _, again = _eval(llama_dir, tmp_path / "mc2", *test, "--posterior", "mc_dropout", "--samples", "4")
     torch.testing.assert_close(again, probs, rtol=0, atol=0)  # masks seeded by --seed
-    _, zero = _eval(llama_dir, tmp_path / "mc0", *test, "--posterior", "mc_dropout", "--samples", "2",
-                    "--mc_dropout_rate", "0")  # fmt: skip
+    _, zero = _eval(
+        llama_dir, tmp_path / "mc0", *test, "--posterior", "mc_dropout", "--samples", "2", "--mc_dropout_rate", "0"
+    )
     torch.testing.assert_close(zero, plain, rtol=0, atol=1e-6)
 
 
-def test_swag_collected_by_train_and_its_mean_is_the_exported_swa_adapter(adapters, llama_dir, choice_sets,
-                                                                          tmp_path):  # fmt: skip
+def test_swag_collected_by_train_and_its_mean_is_the_exported_swa_adapter(adapters, llama_dir, choice_sets, tmp_path):
     config = json.loads((Path(adapters[0]) / "posterior" / "swag" / "posterior_config.json").read_text())
     assert config["n_models"] == 3 and config["collected_steps"] == [1, 2, 3]
     test = ["--data_path", choice_sets["test"]]
     _, swa = _eval(llama_dir, tmp_path / "swa", "--adapter", Path(adapters[0]) / "swa", *test)  # plain PEFT
     _, final = _eval(llama_dir, tmp_path / "final", "--adapter", adapters[0], *test)
     assert not torch.allclose(swa, final, atol=1e-5)  # the mean of 3 iterates is not the last one
-    summary, mean = _eval(llama_dir, tmp_path / "s0", "--adapter", adapters[0], *test, "--posterior", "swag",
-                          "--swag_sample_scale", "0", "--samples", "2")  # fmt: skip
+    summary, mean = _eval(
+        llama_dir,
+        tmp_path / "s0",
+        "--adapter",
+        adapters[0],
+        *test,
+        "--posterior",
+        "swag",
+        "--swag_sample_scale",
+        "0",
+        "--samples",
+        "2",
+    )
     assert summary["posterior"] == "swag" and summary["samples"] == 2
     torch.testing.assert_close(mean, swa, rtol=0, atol=1e-6)
     summary, sampled = _eval(llama_dir, tmp_path / "s", "--adapter", adapters[0], *test, "--posterior", "swag")
@@ -113,12 +146,34 @@ def test_multiswag_mean_passes_average_the_members_swa_adapters(adapters, llama_
     swas = [
         _eval(llama_dir, tmp_path / f"swa{i}", "--adapter", Path(a) / "swa", *test)[1] for i, a in enumerate(adapters)
     ]
-    summary, probs = _eval(llama_dir, tmp_path / "ms", "--adapter", adapters[0], "--members", adapters[1],
-                           "--posterior", "multiswag", "--samples", "0", *test)  # fmt: skip
+    summary, probs = _eval(
+        llama_dir,
+        tmp_path / "ms",
+        "--adapter",
+        adapters[0],
+        "--members",
+        adapters[1],
+        "--posterior",
+        "multiswag",
+        "--samples",
+        "0",
+        *test,
+    )
     assert summary["posterior"] == "multiswag"
     torch.testing.assert_close(probs, (swas[0] + swas[1]) / 2, rtol=0, atol=1e-6)
-    summary, _ = _eval(llama_dir, tmp_path / "ms4", "--adapter", adapters[0], "--members", adapters[1],
-                       "--posterior", "multiswag", "--samples", "4", *test)  # fmt: skip
+    summary, _ = _eval(
+        llama_dir,
+        tmp_path / "ms4",
+        "--adapter",
+        adapters[0],
+        "--members",
+        adapters[1],
+        "--posterior",
+        "multiswag",
+        "--samples",
+        "4",
+        *test,
+    )
     assert summary["samples"] == 4
 
 
@@ -129,8 +184,19 @@ def test_tfb_makes_a_bayeslora_whose_mean_is_the_lora(adapters, llama_dir, choic
     shutil.copytree(adapters[1], adapter)
     test = ["--adapter", adapter, "--data_path", choice_sets["test"]]
     _, lora = _eval(llama_dir, tmp_path / "map", *test)
-    summary, mean = _eval(llama_dir, tmp_path / "t0", *test, "--posterior", "tfb", "--fit_data_path",
-                          choice_sets["train"], "--tfb_samples", "2", "--samples", "0")  # fmt: skip
+    summary, mean = _eval(
+        llama_dir,
+        tmp_path / "t0",
+        *test,
+        "--posterior",
+        "tfb",
+        "--fit_data_path",
+        choice_sets["train"],
+        "--tfb_samples",
+        "2",
+        "--samples",
+        "0",
+    )
     assert summary["posterior"] == "bayeslora" and summary["samples"] == 0
     torch.testing.assert_close(mean, lora, rtol=0, atol=1e-6)  # B'A' = BA
     tfb = json.loads((adapter / "posterior" / "tfb" / "tfb_config.json").read_text())

@@ -29,9 +29,17 @@ def _train(train_argv, llama_dir, data_file, out, *extra):
 def test_loss_is_nll_plus_scaled_kl(llama_dir, data_file, tmp_path, train_argv):
     out = tmp_path / "bayes"
     saved, steps = _train(
-        train_argv, llama_dir, data_file, out, "--kl_schedule", "constant", "--kl_weight", "0.5",
-        "--bayes_optimizer", "single",
-    )  # fmt: skip
+        train_argv,
+        llama_dir,
+        data_file,
+        out,
+        "--kl_schedule",
+        "constant",
+        "--kl_weight",
+        "0.5",
+        "--bayes_optimizer",
+        "single",
+    )
     assert len(steps) == 2 and saved["n_train"] == 32
     for entry in steps:
         # KL over 2 layers x (q, v) of r x d_in = 4 x 32 Gaussians vs N(0, 0.2^2): hundreds of nats at init.

@@ -24,8 +24,11 @@ def test_templates_ship_as_package_data():
 
 def test_template_from_file_and_errors(tmp_path):
     f = tmp_path / "t.json"
-    f.write_text(json.dumps({"prompt_input": "{instruction}|{input}|", "prompt_no_input": "{instruction}|",
-                             "response_split": "|"}))  # fmt: skip
+    f.write_text(
+        json.dumps(
+            {"prompt_input": "{instruction}|{input}|", "prompt_no_input": "{instruction}|", "response_split": "|"}
+        )
+    )
     assert Prompter.from_name(str(f)).generate_prompt("a", "b") == "a|b|"
     f.write_text(json.dumps({"prompt_input": "x"}))
     with pytest.raises(InputError, match="lacks the key"):

@@ -18,8 +18,9 @@ from peft_bayes.evaluation.fit_data import choice_scorer, fit_batches, lm_batche
 from peft_bayes.posterior.likelihood import IGNORE
 from peft_bayes.tiny import build_tiny_model
 
-ARGS = Namespace(choice_format="label", choice_prefix=None, choice_norm="none", choice_scoring="full", batch_size=2,
-                 cutoff_len=64)  # fmt: skip
+ARGS = Namespace(
+    choice_format="label", choice_prefix=None, choice_norm="none", choice_scoring="full", batch_size=2, cutoff_len=64
+)
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,16 @@ def test_forward_and_grads_match_dense_per_token(shape, factor, flipout, with_bi
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"d/d{n}: {m}")
 
     # float32 inputs: same result to float32 accuracy.
-    out32 = _call(x.float(), a.float(), b.float(), scaling, factor, std.float(), _cast(noise, torch.float32),
-                  None if bias is None else bias.float())  # fmt: skip
+    out32 = _call(
+        x.float(),
+        a.float(),
+        b.float(),
+        scaling,
+        factor,
+        std.float(),
+        _cast(noise, torch.float32),
+        None if bias is None else bias.float(),
+    )
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 

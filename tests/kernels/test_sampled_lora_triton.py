@@ -101,9 +101,14 @@ SHAPES = [  # (tokens, d_in, d_out, rank): odd sizes, a single token, ranks 1 to
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize(
     "noise,flipout,std_param",
-    [(True, True, "square"), (True, True, "softplus"), (True, False, "square"), (True, False, "softplus"),
-     (False, False, "square")],
-)  # fmt: skip
+    [
+        (True, True, "square"),
+        (True, True, "softplus"),
+        (True, False, "square"),
+        (True, False, "softplus"),
+        (False, False, "square"),
+    ],
+)
 def test_fused_matches_reference_float32(shape, noise, flipout, std_param):
     args = _inputs(*shape, torch.float32, seed=sum(shape))
     got = _run("triton", *args, std_param, noise, flipout, seed=77)

@@ -488,3 +488,14 @@ def test_recorder_restores_requires_grad(gpt2):
     with Recorder(sites):
         assert all(s.weight.requires_grad for s in sites)
     assert [s.weight.requires_grad for s in sites] == [False, True, True, True]
+
+
+def test_last_layer_is_the_head_adapter_when_the_head_is_adapted(tiny_tokenizer):
+    """Laplace-LoRA's last_layer is the output head's adapter: with lm_head among the targets it comes last in module
+    order, so subset last_layer is exactly its A and B (and without a head adapter, the last adapted module's)."""
+    base = llama_base(tiny_tokenizer, tie_word_embeddings=False)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    model = get_peft_model(base, config).double().eval()
+    last = adapter_sites(model, "last_layer")
+    assert [s.name for s in last] == ["base_model.model.lm_head.lora_A", "base_model.model.lm_head.lora_B"]
+    assert len(adapter_sites(model)) == 2 * 2 + 2  # q and v of the one block, and the head

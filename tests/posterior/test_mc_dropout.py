@@ -12,9 +12,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_bayes.errors import InputError
+from peft_bayes.evaluation.packed_scoring import packing_is_exact
 from peft_bayes.evaluation.predictive import PairScorer
 from peft_bayes.posterior import POSTERIORS, MCDropout, PointEstimate, load_posterior
-from peft_bayes.posterior.mc_dropout import dropout_modules, feature_mask
+from peft_bayes.posterior.mc_dropout import dropout_modules, element_mask, feature_mask, module_seed
 from peft_bayes.tiny import build_tiny_model
 from peft_bayes.tuners import BottleneckConfig
 
@@ -179,3 +180,62 @@ def test_errors(base):
         MCDropout(copy.deepcopy(base))
     with pytest.raises(InputError, match="adapter_dropout"):
         MCDropout(bottleneck(base, 0.0))
+
+
+# --- element masks (the authors' code: dropout modules in train mode) -----------------------------------------------
+def test_element_masks_are_fresh_per_element_and_per_forward(base, tiny_tokenizer):
+    """One LoRA layer by hand: every forward of a pass multiplies the dropout's input by a new (tokens x features)
+    mask from the module's generator, seeded by (pass seed, module index)."""
+    model = lora(base, 0.3)
+    posterior = MCDropout(model, mask="element")
+    (_, module, rate), index = posterior.modules[0], 0
+    seen = []
+    with posterior.sample(5):  # a hook after the pass's own sees its output
+        handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+        try:
+            PairScorer(model, tiny_tokenizer, PAIRS, 2).scores()
+        finally:
+            handle.remove()
+    assert len(seen) >= 2
+    generator = torch.Generator().manual_seed(module_seed(5, index))
+    masks = []
+    for x, out in seen:  # the hook's output replaces the module's: x * a fresh mask, in call order
+        mask = element_mask(x, rate, generator)
+        torch.testing.assert_close(out, x * mask, rtol=0, atol=0)
+        masks.append(mask)
+    assert masks[0].shape == seen[0][0].shape and set(masks[0].unique().tolist()) <= {0.0, 1 / (1 - rate)}
+    assert not torch.equal(masks[0], masks[1][: masks[0].shape[0], : masks[0].shape[1]])  # fresh per forward
+    assert any(not torch.equal(m[..., :1, :], m[..., 1:2, :]) for m in masks)  # per token too (not per feature)
+
+
+def test_element_masks_reproducible_by_seed_and_differ_from_feature_masks(base, tiny_tokenizer):
+    model = lora(base, 0.3)
+    element = MCDropout(model, mask="element")
+    one, again = (probs(element, model, tiny_tokenizer, 3, 7) for _ in range(2))
+    assert same(one, again)
+    assert not any(torch.allclose(a, b, **F64) for a, b in zip(one, probs(element, model, tiny_tokenizer, 3, 8)))
+    feature = probs(MCDropout(model), model, tiny_tokenizer, 3, 7)
+    assert not any(torch.allclose(a, b, **F64) for a, b in zip(one, feature))
+    assert same(probs(element, model, tiny_tokenizer, 0, 0), probs(PointEstimate(model), model, tiny_tokenizer, 0, 0))
+
+
+def test_element_masks_keep_one_minus_p():
+    x = torch.ones(400, 500)
+    mask = element_mask(x, 0.3, torch.Generator().manual_seed(0))
+    assert abs(float((mask > 0).double().mean()) - 0.7) < 4 * (0.21 / x.numel()) ** 0.5
+
+
+def test_mask_kind_is_saved_and_checked(base, tiny_tokenizer, tmp_path):
+    model = lora(base, 0.3)
+    loaded = load_posterior(model, MCDropout(model, mask="element").save(str(tmp_path / "mc")))
+    assert loaded.mask == "element" and loaded.config() == {"rate": None, "mask": "element"}
+    with pytest.raises(InputError, match="^mask must be one of feature/element, got 'token'"):
+        MCDropout(model, mask="token")
+
+
+def test_the_packing_probe_runs_outside_the_samples(base, tiny_tokenizer):
+    """The shared path's probe (packed scores == one by one) is decided once per base model: run inside a pass with
+    fresh masks per forward it would fail and turn packing off for good."""
+    model = lora(base, 0.3)  # a new base model: not probed yet
+    probs(MCDropout(model, mask="element"), model, tiny_tokenizer, 2, 0)
+    assert packing_is_exact(model)

@@ -24,7 +24,7 @@ from peft_bayes.errors import InputError
 from peft_bayes.posterior import MultiSwag, Swag, SwagCollector, SwagOptions, load_posterior, posterior_folder
 from peft_bayes.posterior import swag as swag_module
 from peft_bayes.posterior.base import sample_seed
-from peft_bayes.posterior.swag import parse_swag_start
+from peft_bayes.posterior.swag import parse_swag_start, std_scale
 from peft_bayes.tiny import build_tiny_model
 from peft_bayes.tuners import BottleneckConfig
 
@@ -146,6 +146,25 @@ def test_samples_have_the_mean_and_covariance_the_moments_imply(tiny_tokenizer, 
     assert np.abs(w.T @ w / len(w) - np.eye(16)).max() < 0.05
     # the full vector: per-weight standard deviations (a whitening of all 64 would mostly test the same thing)
     np.testing.assert_allclose(draws.std(0), np.sqrt(np.diag(cov)), rtol=0.03)
+
+
+def test_swag_lora_scale_convention(tiny_tokenizer):
+    """swag-lora's sample θ̄ + √scale (σ ⊙ z₁ + D z₂ / √(K − 1)) by hand, with the same z's, equals ours at
+    --swag_scale_convention swag_lora (s = √(2 scale)); its default scale 1.0 is s = √2."""
+    model = lora(tiny_tokenizer, hidden=8, layers=1, heads=2)
+    options = SwagOptions(max_num_models=3, sample_scale=1.0, scale_convention="swag_lora")
+    assert options.std_scale == pytest.approx(math.sqrt(2)) and std_scale(0.5, "swag_lora") == pytest.approx(1.0)
+    collector = SwagCollector(model, options)
+    x = feed(model, collector, 6, scale=0.3)
+    swag = collector.posterior()
+    assert swag.sample_scale == pytest.approx(math.sqrt(2))
+    draw = swag.draw(torch.Generator().manual_seed(4))[0].numpy()
+    gen = torch.Generator().manual_seed(4)
+    z1 = torch.randn((1, x.shape[1]), generator=gen, dtype=torch.float64)[0].numpy()
+    z2 = torch.randn((1, 3), generator=gen, dtype=torch.float64)[0].numpy()
+    dev = running_deviations(x)[-3:]
+    by_hand = x.mean(0) + math.sqrt(1.0) * (np.sqrt(x.var(0)) * z1 + z2 @ dev / math.sqrt(3 - 1))
+    np.testing.assert_allclose(draw, by_hand, rtol=1e-9, atol=1e-12)
 
 
 def test_sample_holds_the_seeded_draw_and_contexts_restore_bit_exactly(tiny_tokenizer):

@@ -222,7 +222,17 @@ def test_search_stops_at_the_threshold(tfb):
     assert posterior_nll(bayes, batches, SAMPLES, 3) == pytest.approx(result.nll_upper, rel=1e-12)
     assert result.nll_upper > result.threshold and result.sigma < result.sigma_upper <= result.sigma * (1 + TOL)
     write_std(bayes, factors, result.sigma)  # back to the fixture's state
-    assert result.n_evals == 2 + bisection_steps(BOUNDS, TOL)
+    assert result.search == "interpolation" and result.n_evals < 2 + bisection_steps(BOUNDS, TOL)
+
+
+def test_interpolation_finds_the_bisection_sigma(tfb, tiny_tokenizer):
+    """The default search and plain bisection on log sigma bracket the same root: sigma within the tolerance."""
+    _, _, _, _, result, _ = tfb
+    model = lora_model(tiny_tokenizer)
+    settings = {"epsilon": EPSILON, "sigma_bounds": BOUNDS, "samples": SAMPLES, "seed": 3, "tolerance": TOL}
+    _, bisected = bayesianize(model, anchors(model, tiny_tokenizer), search="bisection", **settings)
+    assert bisected.n_evals == 2 + bisection_steps(BOUNDS, TOL) and bisected.nll_mean == result.nll_mean
+    assert abs(math.log(result.sigma / bisected.sigma)) <= math.log1p(TOL)
 
 
 def test_mean_nll_is_the_loras(tfb):
@@ -234,9 +244,10 @@ def test_mean_nll_is_the_loras(tfb):
 
 
 def test_progress_counts(tfb):
-    _, _, batches, _, result, calls = tfb
-    total = len(batches) * (1 + SAMPLES * result.n_evals)
-    assert calls == [(i, total) for i in range(1, total + 1)]
+    """One tick per pass over the anchors: the mean's, then SAMPLES per evaluation; announced for a bisection."""
+    _, _, _, _, result, calls = tfb
+    total, passes = 1 + SAMPLES * (2 + bisection_steps(BOUNDS, TOL)), 1 + SAMPLES * result.n_evals
+    assert calls == [(i, total) for i in range(1, passes + 1)] + [(total, total)]
 
 
 def test_upper_bound_when_every_sigma_passes(tiny_tokenizer):
@@ -247,8 +258,8 @@ def test_upper_bound_when_every_sigma_passes(tiny_tokenizer):
     )
     assert result.sigma == 0.02 and result.at_upper_bound and result.n_evals == 1
     assert result.nll_at_sigma <= result.threshold
-    total = len(batches) * (1 + 2 * (2 + bisection_steps((1e-3, 0.02), 0.02)))  # announced for the full search
-    assert calls == [(i, total) for i in range(1, 3 * len(batches) + 1)] + [(total, total)]
+    total = 1 + 2 * (2 + bisection_steps((1e-3, 0.02), 0.02))  # announced for the full search
+    assert calls == [(i, total) for i in range(1, 4)] + [(total, total)]
 
 
 def test_lm_anchor_batches(tiny_tokenizer):

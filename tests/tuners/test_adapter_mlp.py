@@ -268,8 +268,10 @@ def test_checkpoint_key_layout(tuner):
     model.add_adapter("other", cls(target_modules=["proj"], bottleneck_size=3, scaling="learned"))
     p = f"base_model.model.proj.{tuner}_"
     assert {n for n, _ in model.named_parameters() if ".other" in n} == {
-        f"{p}down.other.weight", f"{p}up.other.weight", f"{p}scale.other"
-    }  # fmt: skip
+        f"{p}down.other.weight",
+        f"{p}up.other.weight",
+        f"{p}scale.other",
+    }
     expected = {f"{p}down.weight", f"{p}up.weight", f"{p}scale"}
     assert set(get_peft_model_state_dict(model, adapter_name="other")) == expected
 

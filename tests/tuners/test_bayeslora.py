@@ -402,8 +402,12 @@ def test_to_lora_loads_in_vanilla_peft(base_dirs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     proc = subprocess.run(
         [sys.executable, "-c", _VANILLA, json.dumps(IDS.tolist()), json.dumps(jobs)],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for arch, (_, _, out) in zip(("llama", "gpt2"), jobs):
         torch.testing.assert_close(torch.load(out), expected[arch], rtol=0, atol=1e-5)
@@ -459,9 +463,18 @@ def test_save_load_round_trip(bases, tmp_path):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"use_dora": True}, {"std_param": "exp"}, {"prior_std": 0.0}, {"prior_std": -1.0}, {"init_std": 0.0},
-     {"kl_schedule": "cosine"}, {"bayesian_factor": "C"}, {"kl_weight": -1.0}, {"kl_anneal_steps": 0}],
-)  # fmt: skip
+    [
+        {"use_dora": True},
+        {"std_param": "exp"},
+        {"prior_std": 0.0},
+        {"prior_std": -1.0},
+        {"init_std": 0.0},
+        {"kl_schedule": "cosine"},
+        {"bayesian_factor": "C"},
+        {"kl_weight": -1.0},
+        {"kl_anneal_steps": 0},
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         config(**bad)
