@@ -152,9 +152,17 @@ class LaplaceOptions:
     kfac_threshold: int = option(2048, "width above which --kfac_rank applies", stage="fit")
     grad_batch_size: int = option(
         4,
-        "examples per differentiable batch of the fit and the GLM predictive (each "
-        "keeps a forward pass's graph, like a training micro-batch)",
+        "examples per differentiable batch of the fit (each keeps a forward pass's graph, like a training "
+        "micro-batch)",
         flag="laplace_batch_size",
+        stage="eval",
+    )
+    glm_batch_size: int = option(
+        2,
+        "examples per differentiable batch of the GLM predictive: each keeps the graph of its options' rows until "
+        "their Jacobians are contracted (SmolLM2-135M, ARC-Easy: peak memory 1.06 / 1.31 / 2.10x the MAP's at "
+        "1 / 2 / 4)",
+        flag="laplace_glm_batch_size",
         stage="eval",
     )
 
@@ -167,10 +175,9 @@ class LaplaceOptions:
             f"`kfac_rank` needs `structure` kron and a positive rank, got {self.kfac_rank}",
         )
         require(self.kfac_threshold >= 1, f"`kfac_threshold` must be a positive width, got {self.kfac_threshold}")
-        require(
-            self.grad_batch_size >= 1,
-            f"`grad_batch_size` must be a positive number of examples, got {self.grad_batch_size}",
-        )
+        for name in ("grad_batch_size", "glm_batch_size"):
+            size = getattr(self, name)
+            require(size >= 1, f"`{name}` must be a positive number of examples, got {size}")
         require(self.fisher_samples >= 1, f"`fisher_samples` must be positive, got {self.fisher_samples}")
         require(
             self.fisher != "exact" or self.likelihood == "choice",
@@ -386,7 +393,7 @@ class Laplace(Posterior):
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in scorer.batches(self.options.grad_batch_size):
+            for batch in scorer.batches(self.options.glm_batch_size):
                 f, (cov,) = self.glm_moments(batch)
                 probs = glm_probabilities(f, cov, self.options.link, max(samples, 1), generator)
                 for row, index in enumerate(batch.index.tolist()):

@@ -77,11 +77,15 @@ def row_scores(model, batch: ChoiceBatch) -> torch.Tensor:
     Log-softmax runs in at least float32 whatever the model dtype.
     """
     batch = batch.to(model_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits = logits[:, -batch.input_ids.shape[1] :]  # prompt learning prepends virtual tokens
-    # Only the continuation's positions are normalised: a (scored tokens, V) log-softmax, not (R, L, V).
     rows, cols = (batch.targets != IGNORE).nonzero(as_tuple=True)
-    picked = logits[rows, cols].to(torch.promote_types(logits.dtype, torch.float32))
+    kwargs, column = _keep_positions(model, cols)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
+    if kwargs:
+        picked = logits[rows, column]
+    else:
+        picked = logits[:, -batch.input_ids.shape[1] :][rows, cols]  # prompt learning prepends virtual tokens
+    # Only the continuation's positions are normalised: a (scored tokens, V) log-softmax, not (R, L, V).
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
     token_lp = picked.log_softmax(-1).gather(-1, batch.targets[rows, cols][:, None]).squeeze(-1)
     out = token_lp.new_zeros(batch.input_ids.shape[0]).index_add(0, rows, token_lp)
     return out * batch.row_weight.to(token_lp.dtype)
@@ -134,11 +138,7 @@ def letter_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     device = model_device(model)
     input_ids, attention_mask, choice_ids = input_ids.to(device), attention_mask.to(device), choice_ids.to(device)
     last = attention_mask.sum(1) - 1  # (B,)
-    config = getattr(model, "active_peft_config", None)
-    kwargs = {}
-    if not getattr(config, "is_prompt_learning", False) and _takes_logits_to_keep(model):
-        positions, column = torch.unique(last, return_inverse=True)  # the distinct answer positions of the batch
-        kwargs["logits_to_keep"] = positions
+    kwargs, column = _keep_positions(model, last)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
     if kwargs:
         picked = logits[torch.arange(len(last), device=device), column]  # (B, V)
@@ -152,6 +152,17 @@ def letter_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 def letter_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the K-way cross-entropy of the gold letters: BLoB's per-example NLL."""
     return torch.nn.functional.cross_entropy(logits, labels.to(logits.device))
+
+
+def _keep_positions(model, positions: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """(forward kwargs, the column of each entry of ``positions`` in the kept logits): only the distinct
+    ``positions`` go through the output head (``logits_to_keep``) where the model takes it; ``({}, None)`` for
+    prompt learning (virtual tokens shift the positions) and models without the argument."""
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False) or not _takes_logits_to_keep(model):
+        return {}, None
+    kept, column = torch.unique(positions, return_inverse=True)
+    return {"logits_to_keep": kept}, column
 
 
 def _takes_logits_to_keep(model) -> bool:

@@ -210,11 +210,13 @@ def pairwise_probit(f: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return p / p.sum()
 
 
-def test_option_probs_are_the_dense_probit_predictive(setup):
+@pytest.mark.parametrize("glm_batch_size", [1, 3])
+def test_option_probs_are_the_dense_probit_predictive(setup, glm_batch_size):
     """End to end (``option_probs`` of the scorer evaluation hands over): the pairwise probit of each example's own
-    options' scores and covariance, with the full structure's dense oracle."""
+    options' scores and covariance, with the full structure's dense oracle; one example per differentiable batch
+    (the default) or all three in one."""
     model, fit_batches, scorer, test_batches, dense = setup
-    laplace = fitted(model, fit_batches, structure="full")
+    laplace = fitted(model, fit_batches, structure="full", glm_batch_size=glm_batch_size)
     laplace.prior_precision = torch.tensor([0.2], dtype=torch.float64)
     probs = laplace.option_probs(scorer, samples=0, seed=0)
     covs = dense.covariances(dense.H, 0.2)
@@ -442,6 +444,11 @@ def test_low_rank_factors_truncate_report_and_round_trip(setup, tmp_path):
     lml_low, lml_dense = float(low.log_marginal_likelihood()), float(dense.log_marginal_likelihood())
     assert math.isfinite(lml_low) and lml_low != pytest.approx(lml_dense, rel=1e-6)
     low.save(str(tmp_path / "low"))
+    # On disk as fitted: each wide factor as its top 3 eigenvectors (+ eigenvalues and one scalar), no d x d matrix
+    saved = low.state_dict()
+    vectors = [v for k, v in saved.items() if k.endswith(".U")]
+    assert vectors and all(v.shape[1] <= 3 for v in vectors if v.shape[0] > 15)
+    assert sum(v.numel() for v in saved.values()) < sum(v.numel() for v in dense.state_dict().values())
     again = load_posterior(model, str(tmp_path / "low"))
     assert [b.kind for b in again.blocks] == [b.kind for b in low.blocks]
     # float64 to an ulp or two: the reloaded factors are new (contiguous) tensors, so BLAS may sum in another order
