@@ -246,7 +246,7 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace, work: Path, n_steps: int):
         self.args, self.logs, self.n_steps, self.step = args, work / "logs", n_steps, 0
-        self.t0, self.commands = time.perf_counter(), []
+        self.t0, self.commands, self.walls = time.perf_counter(), [], []
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         if args.threads > 0:
             self.env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -299,8 +299,17 @@ class Runner:
         wall = time.perf_counter() - t
         if rc != 0:
             raise StepFailed(f"{what}: {script}.py exited with status {rc} ({last[:300]}); full log: {log}")
-        print(f"{self.elapsed()} ({self.step}/{self.n_steps}) {what}: done in {wall / 60:.1f} min", flush=True)
+        self.walls.append(wall)
+        done = f"{self.elapsed()} ({self.step}/{self.n_steps}) {what}: done in {wall / 60:.1f} min"
+        print(done + self.left(), flush=True)
         return line, wall
+
+    def left(self) -> str:
+        """The time left, estimated from the mean of the steps run so far (reused ones cost nothing)."""
+        remaining = self.n_steps - self.step
+        if not remaining or not self.walls:
+            return ""
+        return f"; about {sum(self.walls) / len(self.walls) * remaining / 60:.0f} min left ({remaining} steps)"
 
 
 def write_train_slice(args: argparse.Namespace, work: Path) -> tuple[Path, list[int]]:

@@ -118,6 +118,7 @@ def test_bench_runs_every_method_and_writes_table_json_and_figures(tiny_setup):
             assert float(cells["stored / MAP"]) > 1.0  # rho beside the means
     assert HEADER in proc.stdout and all(f"| {label} |" in proc.stdout for label in ROW_LABELS)
     assert re.search(r"\[\s*\d+\.\d min\] \(6/6\) seed 0: evaluate bayeslora:mean: done", proc.stdout)
+    assert re.search(r"\(1/6\) seed 0: .*: done in \d+\.\d min; about \d+ min left \(5 steps\)", proc.stdout)
 
     data = json.loads(stem.with_suffix(".json").read_text())
     commands = data["commands"]
