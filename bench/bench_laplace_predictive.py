@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_outputs import write_results
 
 from peft_bayes.arguments import comma_list
 from peft_bayes.evaluation.datasets import load_eval_set
 from peft_bayes.evaluation.predictive import PairScorer
-from peft_bayes.io import peak_memory, write_json_atomic, write_text_atomic
+from peft_bayes.io import peak_memory
 from peft_bayes.models import LoadOptions, load_inference_model, load_prompter, tokenizer_source
 from peft_bayes.posterior import load_posterior
 
@@ -166,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"of {args.data_path} ({args.choice_format}), torch threads {torch.get_num_threads()}\n\n" + table(rows)
     )
     print("\n" + text)
-    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "laplace_predictive.json", {"settings": vars(args), "machine": machine, "runs": rows})
-    write_text_atomic(out / "laplace_predictive.md", text + "\n\nCommand: `python " + " ".join(sys.argv) + "`\n")
+    write_results(args.output_dir, "laplace_predictive", vars(args), rows, text)
     return 0
 
 

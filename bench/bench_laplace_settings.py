@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_outputs import write_results
 
 from peft_bayes.arguments import comma_list, positive_ints
 from peft_bayes.evaluation.calibration import choice_metrics
 from peft_bayes.evaluation.datasets import load_eval_set
 from peft_bayes.evaluation.predictive import PairScorer
-from peft_bayes.io import write_json_atomic, write_text_atomic
 from peft_bayes.models import LoadOptions, load_inference_model, load_prompter, tokenizer_source
 from peft_bayes.posterior import Laplace, LaplaceOptions
 from peft_bayes.posterior.laplace import glm_probabilities
@@ -139,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.choice_format})\n\n" + table(runs, args.draws)
     )
     print("\n" + text)
-    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "laplace_settings.json", {"settings": vars(args), "machine": machine, "runs": runs})
-    write_text_atomic(out / "laplace_settings.md", text + "\n\nCommand: `python " + " ".join(sys.argv) + "`\n")
+    write_results(args.output_dir, "laplace_settings", vars(args), runs, text)
     return 0
 
 

@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
+from bench_outputs import write_results
 
 from peft_bayes.arguments import comma_list
 from peft_bayes.evaluation.datasets import load_eval_set
 from peft_bayes.evaluation.predictive import PairScorer
-from peft_bayes.io import write_json_atomic, write_text_atomic
 from peft_bayes.models import LoadOptions, load_inference_model, load_prompter, tokenizer_source
 from peft_bayes.posterior.tfb import TfbOptions, bayesianize
 
@@ -103,16 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         + table(rows, args.tolerance)
     )
     print("\n" + text)
-    machine = {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "tfb_search.json", {"settings": vars(args), "machine": machine, "runs": rows})
-    write_text_atomic(out / "tfb_search.md", text + "\n\nCommand: `python " + " ".join(sys.argv) + "`\n")
+    write_results(args.output_dir, "tfb_search", vars(args), rows, text)
     return 0
 
 

@@ -63,6 +63,7 @@ from peft_bayes.errors import InputError
 from peft_bayes.io import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when loaded by path
+from bench_outputs import machine_info  # noqa: E402
 from real_model_methods import (  # noqa: E402
     DEFAULT_DATA_DIR,
     METHODS,
@@ -73,7 +74,6 @@ from real_model_methods import (  # noqa: E402
 )
 from real_model_report import (  # noqa: E402
     label,
-    machine_info,
     report_stem,
     stored_bytes,
     write_report,

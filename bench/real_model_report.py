@@ -7,14 +7,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from real_model_methods import ECE_BINS, ROOT, STEM, STORED, Variant, _multiple_of, slug
+from real_model_methods import ECE_BINS, STEM, STORED, Variant, _multiple_of, slug
 
 from peft_bayes.io import write_json_atomic, write_text_atomic
 
@@ -149,25 +147,6 @@ def conclusion(rows: list[dict]) -> str:
                 f"at {cell(row, 'ACC %'):.1f} %"
             )
     return "; ".join(parts)
-
-
-def machine_info() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    info["git_commit"] = git.stdout.strip() or None
-    return info
 
 
 def copy_diagrams(results: list[dict], out: Path, stem: str) -> list[str]:

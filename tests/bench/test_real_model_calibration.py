@@ -199,29 +199,9 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     root, model = tiny_setup
     out = root / "out-all"
     methods = "lora,temperature,mc_dropout,ensemble,swag,multiswag,tfb,laplace:all"
-    proc = _run(
-        root,
-        model,
-        out,
-        "--methods",
-        methods,
-        "--ood_task",
-        TASK,
-        "--ensemble_size",
-        "2",
-        "--lora_dropout",
-        "0.1",
-        "--n_val",
-        "1",
-        "--tfb_anchor",
-        "2",
-        "--swag_start",
-        "0steps",
-        "--max_steps",
-        "2",
-        "--n_train",
-        "3",
-    )
+    flags = ["--methods", methods, "--ood_task", TASK, "--ensemble_size", "2", "--lora_dropout", "0.1", "--n_val", "1"]
+    flags += ["--tfb_anchor", "2", "--swag_start", "0steps", "--max_steps", "2", "--n_train", "3"]
+    proc = _run(root, model, out, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     data = json.loads((out / f"real_model_calibration_{TASK}.json").read_text())
     rows = {r["row"]: r for r in data["table"]}
@@ -242,30 +222,7 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
     assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
     # --resume reuses every training (the ensemble members too) and every evaluation
-    again = _run(
-        root,
-        model,
-        out,
-        "--methods",
-        methods,
-        "--ood_task",
-        TASK,
-        "--ensemble_size",
-        "2",
-        "--lora_dropout",
-        "0.1",
-        "--n_val",
-        "1",
-        "--tfb_anchor",
-        "2",
-        "--swag_start",
-        "0steps",
-        "--max_steps",
-        "2",
-        "--n_train",
-        "3",
-        "--resume",
-    )
+    again = _run(root, model, out, *flags, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(train-lora-m1) (reused" in again.stdout and "(train-swag-m1) (reused" in again.stdout
     assert json.loads((out / f"real_model_calibration_{TASK}.json").read_text())["commands"] == []
