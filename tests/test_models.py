@@ -122,72 +122,18 @@ def test_scripts_train_evaluate_generate_smollm2_chat(smollm2_cache, tmp_path, m
     data.write_text(json.dumps(records))
     common = ["--base_model", "smollm2-135m", "--prompt_template", "chat"]
     out = tmp_path / "adapter"
-    assert (
-        train_main(
-            [
-                *common,
-                "--data_path",
-                str(data),
-                "--output_dir",
-                str(out),
-                "--batch_size",
-                "2",
-                "--micro_batch_size",
-                "2",
-                "--max_steps",
-                "1",
-                "--val_set_size",
-                "0",
-                "--cutoff_len",
-                "64",
-                "--train_on_inputs",
-                "false",
-                "--warmup_steps",
-                "0",
-                "--save_step",
-                "1000",
-            ]
-        )
-        == 0
-    )
+    train = "--batch_size 2 --micro_batch_size 2 --max_steps 1 --val_set_size 0 --cutoff_len 64"
+    train += " --train_on_inputs false --warmup_steps 0 --save_step 1000"
+    assert train_main([*common, "--data_path", str(data), "--output_dir", str(out), *train.split()]) == 0
     assert (out / "adapter_model.safetensors").is_file()
-    assert (
-        evaluate_main(
-            [
-                *common,
-                "--adapter",
-                str(out),
-                "--data_path",
-                str(data),
-                "--output_dir",
-                str(tmp_path),
-                "--max_new_tokens",
-                "4",
-                "--limit",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    where = ["--adapter", str(out), "--data_path", str(data), "--output_dir", str(tmp_path)]
+    assert evaluate_main([*common, *where, "--max_new_tokens", "4", "--limit", "2", "--quiet"]) == 0
     rows = json.loads((tmp_path / "data_predictions.json").read_text())
     assert rows[0]["prompt"].endswith("<|im_start|>user\nWhat is 1 plus 1?<|im_end|>\n<|im_start|>assistant\n")
     assert all("<|im_" not in r["generation"] and "assistant" not in r["generation"] for r in rows)
     capsys.readouterr()
-    assert (
-        generate_main(
-            [
-                *common,
-                "--instruction",
-                "What is the capital of France?",
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "12",
-            ]
-        )
-        == 0
-    )
+    question = ["--instruction", "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "12"]
+    assert generate_main([*common, *question]) == 0
     assert "Paris" in capsys.readouterr().out
 
 
