@@ -10,38 +10,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-
 from peft_bayes.data.prompts import Prompter
 from peft_bayes.data.synthetic import write_choice_data
 from peft_bayes.evaluation.datasets import load_eval_set
 from peft_bayes.evaluation.predictive import PairScorer
 from peft_bayes.posterior import Laplace
-from peft_bayes.tiny import save_tiny_model
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_laplace_predictive.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _adapter_with_laplace(tmp_path, tiny_tokenizer) -> tuple[str, str, str]:
-    base = save_tiny_model(tmp_path / "base", "llama", tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
-    torch.manual_seed(0)
-    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).eval()
-    model.save_pretrained(tmp_path / "lora")
+def _adapter_with_laplace(tmp_path, random_lora, tiny_tokenizer) -> tuple[str, str, str]:
+    base, model, lora = random_lora
     train, test = write_choice_data(str(tmp_path / "data"), n_train=6, n_test=5, seed=0)
     data = load_eval_set("fit", train, None, Prompter.from_name("alpaca_short"), "label")
     laplace = Laplace(model, prior_method="fixed", prior_precision=0.5)
     laplace.fit(PairScorer(model, tiny_tokenizer, data.pairs, 3, labels=data.golds).batches())
-    laplace.save(str(tmp_path / "lora" / "posterior" / "laplace"))
-    return base, str(tmp_path / "lora"), test
+    laplace.save(os.path.join(lora, "posterior", "laplace"))
+    return base, lora, test
 
 
-def test_bench_laplace_predictive(tmp_path, tiny_tokenizer):
-    base, adapter, test = _adapter_with_laplace(tmp_path, tiny_tokenizer)
+def test_bench_laplace_predictive(tmp_path, random_lora, tiny_tokenizer):
+    base, adapter, test = _adapter_with_laplace(tmp_path, random_lora, tiny_tokenizer)
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--base_model", base, "--adapter", adapter, "--data_path", test]
     cmd += ["--n", "5", "--choice_format", "label", "--batch_size", "2", "--mc_draws", "8"]

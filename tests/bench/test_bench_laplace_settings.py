@@ -11,26 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-
 from peft_bayes.data.synthetic import write_choice_data
-from peft_bayes.tiny import save_tiny_model
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_laplace_settings.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def test_bench_laplace_settings(tmp_path, tiny_tokenizer):
-    base = save_tiny_model(tmp_path / "base", "llama", tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
-    torch.manual_seed(0)
-    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(tmp_path / "lora")
+def test_bench_laplace_settings(tmp_path, random_lora):
+    base, _, lora = random_lora
     train, test = write_choice_data(str(tmp_path / "data"), n_train=6, n_test=5, seed=0)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(SCRIPT), "--base_model", base, "--adapter", str(tmp_path / "lora")]
+    cmd = [sys.executable, str(SCRIPT), "--base_model", base, "--adapter", lora]
     cmd += ["--fit_data", train, "--data_path", test, "--n", "5", "--choice_format", "label", "--draws", "4000"]
     cmd += ["--seeds", "1,2", "--batch_size", "3", "--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)

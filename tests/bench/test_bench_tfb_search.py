@@ -11,31 +11,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-
 from peft_bayes.data.synthetic import write_choice_data
-from peft_bayes.tiny import save_tiny_model
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_tfb_search.py"
 
 
-def test_bench_tfb_search(tmp_path, tiny_tokenizer):
-    base = save_tiny_model(tmp_path / "base", "llama", tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
-    torch.manual_seed(0)
-    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(tmp_path / "lora")
+def test_bench_tfb_search(tmp_path, random_lora):
+    base, _, lora = random_lora
     train, _ = write_choice_data(str(tmp_path / "data"), n_train=6, n_test=2, seed=0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
         str(SCRIPT),
         "--base_model",
         base,
         "--adapter",
-        str(tmp_path / "lora"),
+        lora,
         "--anchors",
         train,
         "--limit",
@@ -51,7 +43,7 @@ def test_bench_tfb_search(tmp_path, tiny_tokenizer):
         "--output_dir",
         str(tmp_path / "out"),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     result = json.loads((tmp_path / "out" / "tfb_search.json").read_text())

@@ -146,34 +146,11 @@ def test_multiswag_mean_passes_average_the_members_swa_adapters(adapters, llama_
     swas = [
         _eval(llama_dir, tmp_path / f"swa{i}", "--adapter", Path(a) / "swa", *test)[1] for i, a in enumerate(adapters)
     ]
-    summary, probs = _eval(
-        llama_dir,
-        tmp_path / "ms",
-        "--adapter",
-        adapters[0],
-        "--members",
-        adapters[1],
-        "--posterior",
-        "multiswag",
-        "--samples",
-        "0",
-        *test,
-    )
+    multiswag = ["--adapter", adapters[0], "--members", adapters[1], "--posterior", "multiswag"]
+    summary, probs = _eval(llama_dir, tmp_path / "ms", *multiswag, "--samples", "0", *test)
     assert summary["posterior"] == "multiswag"
     torch.testing.assert_close(probs, (swas[0] + swas[1]) / 2, rtol=0, atol=1e-6)
-    summary, _ = _eval(
-        llama_dir,
-        tmp_path / "ms4",
-        "--adapter",
-        adapters[0],
-        "--members",
-        adapters[1],
-        "--posterior",
-        "multiswag",
-        "--samples",
-        "4",
-        *test,
-    )
+    summary, _ = _eval(llama_dir, tmp_path / "ms4", *multiswag, "--samples", "4", *test)
     assert summary["samples"] == 4
 
 
