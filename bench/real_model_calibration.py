@@ -439,71 +439,94 @@ def earlier_runs(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
     return trains, evals
 
 
-def _train(args, runner: Runner, recipe: str, train_data: Path, out: Path, seed: int, trains: dict):
-    """(adapter folder, command, seconds): trained now, or reused (``--resume``) when the same command left it."""
-    flags = train_flags(args, recipe, train_data, out, seed)
-    line = runner.command_line("train", flags)
+def _member_plan(args, runner: Runner, recipe: str, train_data: Path, work: Path, seed: int) -> list[tuple]:
+    """(adapter folder, train command line, seed) of the recipe's adapters of ``seed``, trained or not: member 0 with
+    the seed itself, member i with seed + 1000 i."""
+    plan = []
+    for i in range(trainings(args)[recipe]):
+        folder = work / f"seed{seed}" / (f"train-{recipe}" if i == 0 else f"train-{recipe}-m{i}")
+        s = seed + 1000 * i
+        plan.append((folder, runner.command_line("train", train_flags(args, recipe, train_data, folder, s)), s))
+    return plan
+
+
+def _train(args, runner: Runner, recipe: str, data: Path, member: tuple, trains: dict, needed: bool, seed: int):
+    """Seconds of the member's training: run now, reused (``--resume``) when the same command left its adapter, or
+    taken from the record when no evaluation needs the adapter."""
+    out, line, member_seed = member
     what = f"seed {seed}: train {recipe}" + (f" ({out.name})" if out.name != f"train-{recipe}" else "")
+    if not needed:
+        runner.skip(f"{what} not needed: its evaluations are reused")
+        return trains[line]
     if line in trains and (out / "adapter_config.json").is_file():
         runner.skip(f"{what} (reused: {out})")
-        return out, line, trains[line]
-    return (out, *runner.run("train", flags, what))
+        return trains[line]
+    return runner.run("train", train_flags(args, recipe, data, out, member_seed), what)[1]
 
 
-def _train_members(args, runner, recipe: str, n: int, train_data: Path, work: Path, seed: int, trains: dict):
-    """The recipe's ``n`` adapters of ``seed``: member 0 with the seed itself, member i with seed + 1000 i."""
-    out = []
-    for i in range(n):
-        folder = work / f"seed{seed}" / (f"train-{recipe}" if i == 0 else f"train-{recipe}-m{i}")
-        out.append(_train(args, runner, recipe, train_data, folder, seed + 1000 * i, trains))
-    return out
+def _plan_seed(args, runner: Runner, work: Path, train_data: Path, seed: int) -> list[dict]:
+    """Every row's evaluation of ``seed``: its flags, command line and the adapters it needs; nothing runs yet."""
+    steps = []
+    for method, variant in args.rows:
+        recipe = METHODS[method].train
+        members = _member_plan(args, runner, recipe, train_data, work, seed) if recipe else []
+        members = members[: METHODS[method].n_members(args)]
+        args.members_of = {recipe: [str(m[0]) for m in members[1:]]} if recipe else {}
+        out = work / f"seed{seed}" / f"eval-{slug(variant.key)}"
+        flags = eval_flags(args, variant, members[0][0] if members else None, out, seed)
+        line = runner.command_line("evaluate", flags)
+        steps.append({"method": method, "variant": variant, "recipe": recipe, "members": members, "out": out,
+                      "flags": flags, "line": line, "members_of": dict(args.members_of)})  # fmt: skip
+    return steps
+
+
+def _record(step: dict, seed: int, train: dict, line: str, wall: float, args) -> dict:
+    """The result dict of an evaluation run now."""
+    method, variant, out = step["method"], step["variant"], step["out"]
+    summary = json.loads((out / f"{args.task}_summary.json").read_text(encoding="utf-8"))
+    adapter = step["members"][0][0] if step["members"] else None
+    return {"method": method, "row": variant.key, "label": label(variant, args), "seed": seed, **train,
+            "eval_command": line, "eval_process_seconds": round(wall, 2), "eval_dir": str(out), "summary": summary,
+            "stored_bytes": stored_bytes(method, adapter, step["members_of"].get(step["recipe"], []))}  # fmt: skip
 
 
 def run_all(args: argparse.Namespace, work: Path, runner: Runner, train_data: Path) -> list[dict]:
-    """Every (seed, row): trains each recipe once per seed, evaluates each variant; one result dict per run."""
+    """Every (seed, row): trains each recipe once per seed where an evaluation needs it (``--resume`` reuses an
+    evaluation whose command and outputs exist without its adapters: a work folder kept without them resumes), then
+    evaluates each variant; one result dict per run."""
     results, once = [], {}
     trains, evals = earlier_runs(args, work)
     kept = earlier_records(work) if args.resume else []  # other rows' runs stay in progress.json for later resumes
     args.train_slice = str(train_data)  # the Laplace variants fit on it
-    n_adapters = trainings(args)
     members_done: list[dict] = []  # ensemble members' trainings, recorded for --resume
     for seed in args.seeds:
-        trained: dict[str, list[tuple[Path, str, float]]] = {}  # recipe -> [(adapter folder, command, seconds)]
-        for method, variant in args.rows:
-            recipe = METHODS[method].train
-            if recipe and recipe not in trained:
-                n = n_adapters[recipe]
-                trained[recipe] = _train_members(args, runner, recipe, n, train_data, work, seed, trains)
-                members_done += [{"train_command": m[1], "train_seconds": m[2]} for m in trained[recipe][1:]]
-            adapter, train_line, train_s = trained[recipe][0] if recipe else (None, None, None)
-            own_s = train_s
-            if recipe:
-                members = trained[recipe][: METHODS[method].n_members(args)]
-                args.members_of = {recipe: [str(m[0]) for m in members[1:]]}
-                train_s = sum(m[2] for m in members)  # an ensemble costs every member's training
+        steps = _plan_seed(args, runner, work, train_data, seed)
+        trained: dict[str, float] = {}  # train command line -> seconds, this seed
+        reused = {id(st) for st in steps if st["line"] in evals and all(m[1] in trains for m in st["members"])}
+        needed = {st["recipe"] for st in steps if st["recipe"] and id(st) not in reused}
+        for step in steps:
+            variant, recipe = step["variant"], step["recipe"]
+            if recipe and step["members"][0][1] not in trained:  # the recipe's first row: its trainings
+                for member in _member_plan(args, runner, recipe, train_data, work, seed):
+                    need = recipe in needed
+                    trained[member[1]] = _train(args, runner, recipe, train_data, member, trains, need, seed)
+                    if member[0].name != f"train-{recipe}":
+                        members_done.append({"train_command": member[1], "train_seconds": trained[member[1]]})
+            train = {"train_command": None, "train_seconds": None, "train_command_seconds": None}
+            if recipe:  # an ensemble costs every member's training
+                first = step["members"][0][1]
+                train = {"train_command": first, "train_seconds": sum(trained[m[1]] for m in step["members"]),
+                         "train_command_seconds": trained[first]}  # fmt: skip
             if not variant.per_seed and variant.key in once:
                 results.append({**once[variant.key], "seed": seed, "reused_from_seed": once[variant.key]["seed"]})
                 continue
-            out = work / f"seed{seed}" / f"eval-{slug(variant.key)}"
-            flags = eval_flags(args, variant, adapter, out, seed)
-            if runner.command_line("evaluate", flags) in evals:
+            if id(step) in reused:
                 runner.skip(f"seed {seed}: evaluate {variant.key} (reused)")
-                result = {
-                    **evals[runner.command_line("evaluate", flags)],
-                    "train_seconds": train_s,
-                    "train_command_seconds": own_s,
-                }
-                results.append(result)
-                once.setdefault(variant.key, result)
-                continue
-            line, wall = runner.run("evaluate", flags, f"seed {seed}: evaluate {variant.key}")
-            summary = json.loads((out / f"{args.task}_summary.json").read_text(encoding="utf-8"))
-            result = {"method": method, "row": variant.key, "label": label(variant, args), "seed": seed,
-                      "train_command": train_line, "eval_command": line, "train_seconds": train_s,
-                      "train_command_seconds": own_s, "eval_process_seconds": round(wall, 2), "eval_dir": str(out),
-                      "summary": summary,
-                      "stored_bytes": stored_bytes(method, adapter, args.members_of.get(recipe, []) if recipe
-                                                   else [])}  # fmt: skip
+                result = {**evals[step["line"]], **{k: v for k, v in train.items() if k != "train_command"}}
+            else:
+                args.members_of = step["members_of"]
+                line, wall = runner.run("evaluate", step["flags"], f"seed {seed}: evaluate {variant.key}")
+                result = _record(step, seed, train, line, wall, args)
             results.append(result)
             once.setdefault(variant.key, result)
             # partial results survive a later failure; every training (ensemble members too) for --resume

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,11 +222,24 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert "train-swag-m1" in by_row["multiswag"]["eval_command"]
     assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
     assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
-    # --resume reuses every training (the ensemble members too) and every evaluation
+    _check_resume(root, model, out, flags)
+
+
+def _check_resume(root: Path, model: str, out: Path, flags: list[str]) -> None:
+    """--resume reruns only what is missing: an evaluation whose folder is gone (reusing the adapters it needs, the
+    ensemble members too), and nothing once the adapters are gone but every evaluation is kept (a work folder saved
+    without its adapters, as bench/results/papers is, resumes in a later session)."""
+    commands = lambda: json.loads((out / f"real_model_calibration_{TASK}.json").read_text())["commands"]  # noqa: E731
+    shutil.rmtree(out / "work" / "seed0" / "eval-ensemble")
     again = _run(root, model, out, *flags, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "(train-lora-m1) (reused" in again.stdout and "(train-swag-m1) (reused" in again.stdout
-    assert json.loads((out / f"real_model_calibration_{TASK}.json").read_text())["commands"] == []
+    assert "(train-lora-m1) (reused" in again.stdout and "(train-swag-m1) not needed" in again.stdout
+    assert [c.split()[1] for c in commands()] == ["evaluate.py"] and "--members" in commands()[0]
+    for adapter in (out / "work" / "seed0").glob("train-*"):
+        shutil.rmtree(adapter)
+    final = _run(root, model, out, *flags, "--resume")
+    assert final.returncode == 0 and commands() == [], final.stderr[-3000:]
+    assert "(train-lora-m1) not needed" in final.stdout
 
 
 def test_letter_format_both_optimizers_sigma_figure_and_validation_split(tiny_setup):
