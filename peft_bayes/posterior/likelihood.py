@@ -159,13 +159,13 @@ def _keep_positions(model, positions: torch.Tensor) -> tuple[dict, torch.Tensor 
     ``positions`` go through the output head (``logits_to_keep``) where the model takes it; ``({}, None)`` for
     prompt learning (virtual tokens shift the positions) and models without the argument."""
     config = getattr(model, "active_peft_config", None)
-    if getattr(config, "is_prompt_learning", False) or not _takes_logits_to_keep(model):
+    if getattr(config, "is_prompt_learning", False) or not takes_logits_to_keep(model):
         return {}, None
     kept, column = torch.unique(positions, return_inverse=True)
     return {"logits_to_keep": kept}, column
 
 
-def _takes_logits_to_keep(model) -> bool:
+def takes_logits_to_keep(model) -> bool:
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
