@@ -248,6 +248,16 @@ class Posterior:
             n_passes += 1
         return [t / n_passes for t in total]
 
+    def for_generation(self) -> Posterior:
+        """This posterior with each pass holding one draw for a whole generated answer (generate.py); itself,
+        unless its passes draw afresh on every forward."""
+        return self
+
+    def token_temperature(self) -> float:
+        """What next-token logits are divided by when generate.py scores an answer's tokens: 1 (the model's own),
+        a fitted temperature for temperature scaling."""
+        return 1.0
+
     # --- persistence -----------------------------------------------------------------------------------------
     def config(self) -> dict:
         """JSON-able settings; ``posterior`` (the name) is added on saving."""

@@ -13,6 +13,7 @@ The mean pass (N = 0) switches the noise off either way.
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
@@ -54,6 +55,12 @@ class BayesLoraPosterior(Posterior):
 
     def summary(self) -> dict:
         return {"posterior": self.name, "bayes_eval_draw": self.eval_draw}
+
+    def for_generation(self) -> BayesLoraPosterior:
+        """The same posterior with ``pass`` draws: one weight sample per generated answer."""
+        view = copy.copy(self)
+        view.eval_draw = EvalDraw.PASS.value
+        return view
 
     def mean(self) -> AbstractContextManager:
         return sampling(self.model, False)

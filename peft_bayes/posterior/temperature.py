@@ -151,6 +151,10 @@ class TemperatureScaling(Posterior):
     def sample(self, seed: int):
         raise InputError("temperature scaling is deterministic: use --samples 0")
 
+    def token_temperature(self) -> float:
+        """The T fitted on option scores, applied to next-token logits as well (generate.py)."""
+        return self._require_fit()
+
     def scale(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``softmax(s / T)`` of each (options,) score tensor (float64)."""
         t = self._require_fit()
