@@ -108,7 +108,7 @@ def load_eval_model(args):
         if not args.adapter:
             raise InputError("--adapter_name needs --adapter (the adapter folder to check)")
         adapters.check_saved_adapter(args.adapter_name, args.adapter)
-    members = posterior_class(getattr(args, "posterior", "map")).member_adapters
+    members = posterior_class(getattr(args, "posterior", None) or "map").member_adapters
     load = options_from_args(LoadOptions, args)
     return load_inference_model(args.base_model, None if members else args.adapter, load)
 
