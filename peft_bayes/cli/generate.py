@@ -218,38 +218,6 @@ def repl(responder: Responder, stdin=None, stdout=None) -> None:
             responder.respond(line.strip(), out=stdout)
 
 
-def launch_ui(responder: Responder, args) -> None:
-    """A Gradio page with the generation controls; its values really reach ``generate``."""
-    try:
-        import gradio as gr
-    except ImportError:
-        raise InputError("--ui needs gradio: pip install 'peft_bayes[ui]'") from None
-
-    def answer(instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens):
-        kw = {"num_beams": int(num_beams), "max_new_tokens": int(max_new_tokens), "do_sample": temperature > 0}
-        if temperature > 0:
-            kw.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
-        text = ""
-        for piece in responder.stream(instruction, input or None, **kw):
-            text += piece
-            yield text
-
-    gr.Interface(
-        fn=answer,
-        inputs=[
-            gr.Textbox(lines=2, label="Instruction"),
-            gr.Textbox(lines=2, label="Input (optional)"),
-            gr.Slider(0, 2, value=args.temperature, label="Temperature (0 = greedy)"),
-            gr.Slider(0.01, 1, value=args.top_p, label="Top p"),
-            gr.Slider(0, 100, step=1, value=args.top_k, label="Top k"),
-            gr.Slider(1, 8, step=1, value=args.num_beams, label="Beams"),
-            gr.Slider(1, 2048, step=1, value=args.max_new_tokens, label="Max new tokens"),
-        ],
-        outputs=gr.Textbox(lines=8, label="Response"),
-        title="peft_bayes",
-    ).queue().launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
-
-
 def _check_uncertainty_flags(args) -> bool:
     """Whether each answer's uncertainty is shown; the posterior flags checked as evaluate.py checks them."""
     show = args.posterior is not None or args.samples is not None
@@ -300,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.instruction is not None:
         responder.respond(args.instruction, args.input, out=sys.stdout)
     elif args.ui:
+        from peft_bayes.cli.generate_ui import launch_ui
+
         launch_ui(responder, args)
     else:
         repl(responder)

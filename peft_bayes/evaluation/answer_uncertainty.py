@@ -53,6 +53,13 @@ class AnswerAnalyzer:
         self.task, self.thresholds = task, thresholds
         self._draws: DrawSet | None = None
 
+    def set_samples(self, requested: int) -> int:
+        """Changes N (the web page's control): the posterior's ``resolve_samples``; the draws are read again."""
+        n = self.posterior.resolve_samples(requested)
+        if n != self.samples:
+            self.samples, self._draws = n, None
+        return n
+
     def task_for(self, answer: str) -> TaskSpec | None:
         """The answer extraction that groups the sampled answers of ``answer`` (None: normalised text)."""
         if isinstance(self.task, TaskSpec):
