@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="needs gradio (pip install '.[ui]')"),
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="needs playwright (pip install '.[ui]')"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="needs playwright (the ui extra)"),
     pytest.mark.skipif(CHROMIUM is None, reason="needs a system Chromium (apt-get install chromium)"),
 ]
 

@@ -1,4 +1,4 @@
-"""generate.py --posterior: each answer's uncertainty in the terminal (plain markers, colour under a pty) and as JSON."""
+"""generate.py --posterior: each answer's uncertainty in the terminal (plain markers, colour in a pty) and as JSON."""
 
 from __future__ import annotations
 
