@@ -102,3 +102,18 @@ def test_draws_that_are_not_weight_values_run_pass_by_pass(base, tiny_tokenizer)
     forward = BayesLoraPosterior(lora(base, config=BayesLoraConfig(r=4, target_modules=["v_proj"])), draw="forward")
     assert not DrawSet(forward, N, 0).batched
     assert DrawSet(NoisyLora(lora(base)), 0, 0).logits(prompt(tiny_tokenizer), 2).shape[0] == 1  # the mean alone
+
+
+def test_temperature_scales_the_token_probabilities(base, tiny_tokenizer):
+    from peft_bayes.evaluation.answer_uncertainty import AnswerAnalyzer
+    from peft_bayes.posterior import PointEstimate, TemperatureScaling
+
+    model = lora(base)
+    ids, answer = prompt(tiny_tokenizer), torch.tensor([5, 9, 11])
+    plain = AnswerAnalyzer(PointEstimate(model), tiny_tokenizer, 0).analyse(ids, answer)
+    hot = AnswerAnalyzer(TemperatureScaling(model, temperature=3.0), tiny_tokenizer, 0).analyse(ids, answer)
+    logits = DrawSet(PointEstimate(model), 0, 0).logits(torch.cat([ids, answer.view(1, -1)], 1), 3)[0].double()
+    want = (logits / 3.0).log_softmax(-1).gather(-1, answer.view(-1, 1)).squeeze(-1).exp()
+    torch.testing.assert_close(torch.tensor(hot.per_token["bma_prob"], dtype=torch.float64), want)
+    assert hot.means["predictive_entropy"] > plain.means["predictive_entropy"]  # T > 1 flattens every token
+    assert hot.totals["mutual_information"] == plain.totals["mutual_information"] == 0.0
