@@ -27,6 +27,7 @@ from peft_bayes.cli.common import (
     apply_recorded_settings,
     quiet_progress_bars_off_terminal,
 )
+from peft_bayes.cli.generate_ui import launch_ui
 from peft_bayes.cli.posterior_flags import add_posterior_flags, check_posterior_flags, resolve_posterior
 from peft_bayes.errors import InputError
 from peft_bayes.evaluation.answer_uncertainty import AnswerAnalyzer, generate_samples
@@ -268,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.instruction is not None:
         responder.respond(args.instruction, args.input, out=sys.stdout)
     elif args.ui:
-        from peft_bayes.cli.generate_ui import launch_ui
-
         launch_ui(responder, args)
     else:
         repl(responder)

@@ -280,9 +280,10 @@ def test_choice_evaluation_with_lora(llama_dir, choice_data, tmp_path, train_arg
     assert summary["accuracy_percent"] == pytest.approx(100 * sum(r["correct"] for r in rows) / 8)
     gold = [int(r["gold"][-1]) - 1 for r in rows]
     # From the written probabilities, in float64 as the library computes it (they are float64 values written as
-    # JSON floats, which round-trip exactly): only the summation order differs, a few ulps at most.
+    # JSON floats, which round-trip exactly): only the summation order differs, a few ulps at most, and the summary
+    # cuts floats to 12 significant digits (evaluate.rounded), a relative change of up to 5e-12.
     picked = torch.tensor([r["probs"][g] for r, g in zip(rows, gold)], dtype=torch.float64)
-    assert summary["nll_nats"] == pytest.approx(-picked.log().mean().item(), rel=1e-12, abs=1e-15)
+    assert summary["nll_nats"] == pytest.approx(-picked.log().mean().item(), rel=1e-11, abs=1e-15)
     for r in rows:
         assert r["options"] == ["answer1", "answer2", "answer3", "answer4"] and sum(r["probs"]) == pytest.approx(1)
         assert r["prediction"] == r["options"][max(range(4), key=r["probs"].__getitem__)]
