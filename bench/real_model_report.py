@@ -43,13 +43,24 @@ def label(variant: Variant, args: argparse.Namespace) -> str:
 
 COLUMNS = [  # (header, summary key, or "train" / "stored" (computed here), digits)
     ("ACC %", "accuracy_percent", 2), ("ECE %", "ece_percent", 2), ("NLL", "nll_nats", 4),
-    ("Brier", "brier_sum_over_classes", 4), ("OOD AUROC", "ood_auroc", 3), ("eval examples/s", "examples_per_s", 2),
+    ("Brier", "brier_sum_over_classes", 4), ("mean confidence", "confidence", 3), ("TV to MAP", "tv_map", 4),
+    ("OOD AUROC", "ood_auroc", 3), ("eval examples/s", "examples_per_s", 2),
     ("evaluate s", "process", 0), ("peak memory / MAP", "rss", 2), ("train minutes", "train", 1),
     ("stored / MAP", "stored", 2),
 ]  # fmt: skip
 
 
 def _value(result: dict, key: str, map_units: dict) -> float | None:
+    if key in ("confidence", "tv_map"):
+        probs = _probs(result)
+        if key == "confidence":
+            return sum(max(p) for p in probs) / len(probs) if probs else None
+        reference = map_units.get("probs")
+        return (
+            None
+            if not probs or reference is None or len(reference) != len(probs)
+            else total_variation(probs, reference)
+        )
     if key == "train":
         return None if result["train_seconds"] is None else result["train_seconds"] / 60
     if key == "process":
@@ -61,15 +72,31 @@ def _value(result: dict, key: str, map_units: dict) -> float | None:
     return None if value is None else float(value)
 
 
+def _probs(result: dict) -> list[list[float]]:
+    """The option probabilities of every scored question, in test-set order ([] when the predictions are gone)."""
+    path = Path(result.get("eval_dir") or "") / f"{result['summary'].get('dataset')}_predictions.json"
+    if not path.is_file():
+        return []
+    return [p["probs"] for p in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def total_variation(probs: list[list[float]], reference: list[list[float]]) -> float:
+    """Mean over questions of the total variation distance 1/2 sum_k |p_k - q_k| between two predictives: how far a
+    posterior moves the MAP's answer distribution (0: not at all; 1: disjoint)."""
+    return sum(0.5 * sum(abs(a - b) for a, b in zip(p, q)) for p, q in zip(probs, reference)) / len(probs)
+
+
 def _map_units(results: list[dict], seed: int) -> dict:
-    """The MAP LoRA's bytes of ``seed``: its adapter's on disk (``stored``), its evaluation's peak resident memory
-    (``rss``, when the lora row ran); the units of the ``/ MAP`` columns."""
+    """The MAP LoRA's of ``seed``: its adapter's bytes on disk (``stored``), its evaluation's peak resident memory
+    (``rss``) and option probabilities (``probs``, when the lora row ran); the units of the MAP-relative columns."""
     units = {}
     for r in results:
         if r.get("seed") != seed:
             continue
         if r.get("row") == "lora" and r.get("summary", {}).get("peak_rss_bytes"):
             units["rss"] = r["summary"]["peak_rss_bytes"]
+        if r.get("row") == "lora" and r.get("summary"):
+            units["probs"] = _probs(r) or None
         if "stored" not in units and r.get("train_command") and r.get("eval_dir"):
             folder = _adapter_of(r)
             if folder.name == "train-lora" and folder.is_dir():

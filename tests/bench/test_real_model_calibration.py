@@ -15,14 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "real_model_calibration.py"
 TASK = "ARC-Easy"
 ROW_LABELS = ["zero-shot (base model)", "LoRA (MAP)", "BayesLoRA (N=2)", "BayesLoRA (N=0, mean)"]
-COLUMNS = ["ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "eval examples/s", "evaluate s", "peak memory / MAP",
-           "train minutes", "stored / MAP"]  # fmt: skip
+COLUMNS = ["ACC %", "ECE %", "NLL", "Brier", "mean confidence", "TV to MAP", "OOD AUROC", "eval examples/s",
+           "evaluate s", "peak memory / MAP", "train minutes", "stored / MAP"]  # fmt: skip
 HEADER = "| method | " + " | ".join(COLUMNS) + " |"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -222,7 +223,26 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert "train-swag-m1" in by_row["multiswag"]["eval_command"]
     assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
     assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
+    _check_diagnostics(rows, by_row)
     _check_resume(root, model, out, flags)
+
+
+def _check_diagnostics(rows: dict, by_row: dict) -> None:
+    """The two diagnostic columns recomputed from evaluate.py's predictions on disk with numpy: the mean of the
+    largest option probability, and the mean total variation between a row's predictive and the MAP's."""
+
+    def probs(key: str) -> list[np.ndarray]:
+        path = Path(by_row[key]["eval_dir"]) / f"{TASK}_predictions.json"
+        return [np.asarray(p["probs"], dtype=np.float64) for p in json.loads(path.read_text())]
+
+    reference = probs("lora")
+    for key, row in rows.items():
+        mine = probs(key)
+        assert row["mean confidence"]["mean"] == pytest.approx(np.mean([p.max() for p in mine]), rel=1e-12), key
+        tv = np.mean([np.abs(p - q).sum() / 2 for p, q in zip(mine, reference)])
+        assert row["TV to MAP"]["mean"] == pytest.approx(tv, rel=1e-12, abs=1e-15), key
+    assert rows["lora"]["TV to MAP"]["mean"] == 0.0
+    assert rows["temperature"]["TV to MAP"]["mean"] > 1e-3  # one temperature != 1 moves every question
 
 
 def _check_resume(root: Path, model: str, out: Path, flags: list[str]) -> None:
