@@ -177,7 +177,7 @@ def _add_posterior_flags(p: argparse.ArgumentParser) -> None:
         "--n_val",
         type=int,
         default=100,
-        help="temperature: validation questions (train.json, not in the training slice)",
+        help="temperature and laplace:val: validation questions (train.json, not in the training slice)",
     )
     g.add_argument("--ensemble_size", type=int, default=3, help="members of ensemble and multiswag (seeds s + 1000 i)")
     g.add_argument("--swag_start", default="0.5", help="train.py --swag_start (epochs, or Nsteps)")
@@ -191,7 +191,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.rows = _select_rows(p, args.methods)
     if any(m == "mc_dropout" for m, _ in args.rows) and args.lora_dropout <= 0:
         p.error("--methods mc_dropout needs --lora_dropout > 0 (the LoRA adapter is trained with dropout)")
-    if args.split == "val" and any(m == "temperature" for m, _ in args.rows):
+    if args.split == "val" and any(m == "temperature" or v.key == "laplace:val" for m, v in args.rows):
         p.error("--split val scores the validation slice that temperature scaling fits on: drop temperature")
     if args.ensemble_size < 2 and any(m in ("ensemble", "multiswag") for m, _ in args.rows):
         p.error(f"--ensemble_size must be at least 2, got {args.ensemble_size}")
@@ -330,7 +330,8 @@ def write_train_slice(args: argparse.Namespace, work: Path) -> tuple[Path, list[
 
 
 def write_val_slice(args: argparse.Namespace, work: Path, train_index: list[int]) -> Path:
-    """``--n_val`` questions of train.json outside the training slice (seeded), for temperature scaling."""
+    """``--n_val`` questions of train.json outside the training slice (seeded), for temperature scaling and Laplace's
+    validation prior (``laplace:val``)."""
     records = json.loads((Path(args.data_dir) / args.task / "train.json").read_text(encoding="utf-8"))
     rest = sorted(set(range(len(records))) - set(train_index))
     if len(rest) < args.n_val:
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         test = check_test_set(args)
         train_data, index = write_train_slice(args, work)
         args.members_of = {}
-        if args.split == "val" or any(m == "temperature" for m, _ in args.rows):
+        if args.split == "val" or any(m == "temperature" or v.key == "laplace:val" for m, v in args.rows):
             args.val_slice = str(write_val_slice(args, work, index))
         runner = Runner(args, work, count_steps(args))
         rows = ", ".join(v.key for _, v in args.rows)

@@ -113,9 +113,11 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _laplace_flags(subset: str) -> Flags:
+def _laplace_flags(subset: str, prior: str = "marglik") -> Flags:
     def flags(a: argparse.Namespace) -> list[str]:
         out = ["--posterior", "laplace", "--fit_data_path", a.train_slice, "--laplace_subset", subset]
+        if prior == "val":  # laplace-lora's second mode: delta from a grid, by the NLL on the validation slice
+            out += ["--prior_method", "val", "--val_data_path", a.val_slice]
         return out + (["--fit_limit", str(a.fit_limit)] if a.fit_limit else [])
 
     return flags
@@ -126,6 +128,7 @@ METHODS["laplace"] = Method(  # post hoc on the LoRA adapter: fitted on the trai
     (
         Variant("laplace:all", "Laplace-LoRA (K-FAC, all)", _laplace_flags("all")),
         Variant("laplace:last_layer", "Laplace-LoRA (K-FAC, last layer)", _laplace_flags("last_layer")),
+        Variant("laplace:val", "Laplace-LoRA (K-FAC, all, prior on validation)", _laplace_flags("all", "val")),
     ),
 )
 

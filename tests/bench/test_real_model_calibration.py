@@ -200,14 +200,16 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     stored-state column counts what each method keeps (M adapters for an ensemble)."""
     root, model = tiny_setup
     out = root / "out-all"
-    methods = "lora,temperature,mc_dropout,ensemble,swag,multiswag,tfb,laplace:all"
+    methods = "lora,temperature,mc_dropout,ensemble,swag,multiswag,tfb,laplace:all,laplace:val"
     flags = ["--methods", methods, "--ood_task", TASK, "--ensemble_size", "2", "--lora_dropout", "0.1", "--n_val", "1"]
     flags += ["--tfb_anchor", "2", "--swag_start", "0steps", "--max_steps", "2", "--n_train", "3"]
     proc = _run(root, model, out, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     data = json.loads((out / f"real_model_calibration_{TASK}.json").read_text())
     rows = {r["row"]: r for r in data["table"]}
-    assert list(rows) == ["lora", "temperature", "mc_dropout", "ensemble", "swag", "multiswag", "tfb", "laplace:all"]
+    assert list(rows) == [
+        *("lora", "temperature", "mc_dropout", "ensemble", "swag", "multiswag", "tfb", "laplace:all", "laplace:val")
+    ]
     for key, row in rows.items():
         for column in ("ACC %", "ECE %", "NLL", "Brier", "OOD AUROC", "stored / MAP", "peak memory / MAP"):
             assert row[column] is not None and math.isfinite(row[column]["mean"]), (key, column)
@@ -223,6 +225,9 @@ def test_every_posterior_joins_one_table_with_ood_auroc_and_stored_state(tiny_se
     assert "train-swag-m1" in by_row["multiswag"]["eval_command"]
     assert by_row["multiswag"]["summary"]["samples"] == 2  # --samples 2 rounded to a multiple of the 2 members
     assert by_row["temperature"]["summary"]["temperature"]["n_data"] == 1
+    val_slice = by_row["temperature"]["eval_command"].split("--fit_data_path ")[1].split()[0]
+    assert f"--prior_method val --val_data_path {val_slice}" in by_row["laplace:val"]["eval_command"]
+    assert by_row["laplace:val"]["summary"]["laplace"]["prior_method"] == "val"
     _check_diagnostics(rows, by_row)
     _check_resume(root, model, out, flags)
 
