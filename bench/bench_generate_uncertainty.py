@@ -29,6 +29,7 @@ from bench_outputs import ROOT, machine_info
 
 from peft_bayes.cli import evaluate
 from peft_bayes.cli import generate as gen
+from peft_bayes.errors import InputError
 from peft_bayes.io import write_json_atomic, write_text_atomic
 from peft_bayes.metrics import auroc
 from peft_bayes.models import load_prompter, tokenizer_source
@@ -160,7 +161,11 @@ def write_row(opts, row: dict, settings: dict) -> Path:
 
 def main(argv=None) -> int:
     opts, gen_argv = parse_args(argv)
-    analyzer, tokenizer, prompter = load(gen_argv)
+    try:
+        analyzer, tokenizer, prompter = load(gen_argv)
+    except InputError as err:  # generate.py's own checks: the same one-line error, nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     measure = measure_cost if opts.mode == "cost" else measure_auroc
     row = measure(analyzer, tokenizer, prompter, opts)
     md = write_row(opts, row, {"generate_flags": gen_argv, **vars(opts)})

@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_generate_uncertainty.py"
 
 
-def _run(*argv) -> subprocess.CompletedProcess:
+def _run(*argv, rc: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == rc, proc.stderr[-3000:]
     return proc
 
 
@@ -55,3 +55,9 @@ def test_cost_and_auroc_rows(tmp_path, random_lora):
     assert (
         table[0].startswith("| row | samples | batched |") and sum(line.startswith("| ens |") for line in table) == 1
     )
+    # generate.py's checks answer in one line, and the rows already written stay
+    bad = _run("--mode", "auroc", "--label", "bad", "--n", 3, "--data_dir", tmp_path / "data", "--samples", 8, *model,
+               rc=2)  # fmt: skip
+    errors = [line for line in bad.stderr.splitlines() if "Traceback" in line or line.startswith("error:")]
+    assert errors == ["error: --samples 8: the ensemble has 2 members (one pass each); use --samples 2 or fewer"]
+    assert list(json.loads((tmp_path / "out" / "generate_uncertainty_auroc.json").read_text())["rows"]) == list(rows)
