@@ -17,11 +17,14 @@ direction ever gets more than ``sigma``, and every std stays finite. A layer who
 adapter) is an error.
 
 ``sigma`` is the largest value in ``[sigma_min, sigma_max]`` whose anchor NLL stays within ``(1 + epsilon)`` of the
-mean model's: bisection on ``log sigma`` until the bracket ``sigma_hi / sigma_lo <= 1 + tolerance``, keeping the
-lower end. The NLL of the Bayesian model is the **expected** NLL (the paper's choice): the mean over ``samples``
-fixed posterior draws (``posterior_sample`` with ``sample_seed(seed, k)``) of the anchor NLL of each draw. The draws
-E are the same at every sigma (common random numbers), so NLL(sigma) is a deterministic, smooth function of sigma and
-the bisection is reproducible. A non-finite NLL at some sigma counts as over the threshold.
+mean model's, found by ``TfbOptions.search`` (``peft_bayes.posterior.tfb_search``): by default an interpolation
+search on ``log sigma`` (bisection kept selectable) until the bracket ``sigma_hi / sigma_lo <= 1 + tolerance``,
+keeping the lower end, or the authors' interval halving. The NLL of the Bayesian model is by default the **expected**
+NLL (the paper's choice): the mean over ``samples`` fixed posterior draws (``posterior_sample`` with
+``sample_seed(seed, k)``) of the anchor NLL of each draw; ``nll="predictive"`` is the NLL of their mean probabilities
+(the authors' code). The draws E are the same at every sigma (common random numbers), so NLL(sigma) is a
+deterministic, smooth function of sigma and the search is reproducible. A non-finite NLL at some sigma counts as over
+the threshold.
 
 The result is an ordinary BayesLoRA adapter (``bayesian_factor="A"``, its ``bayeslora_rho`` the exact inverse of
 ``std_param`` at ``sigma / d_i``): ``save_tfb`` writes it with ``save_pretrained`` plus ``tfb_config.json`` (the

@@ -83,7 +83,7 @@ class BayesLoraConfig(LoraConfig):
     std_param: StdParam = option(StdParam.SQUARE, "sigma = rho^2 or softplus(rho)", flag="bayes_std_param")
     flipout: bool = option(True, "per-token flipout signs (one noise draw per forward)")
     kl_schedule: KlSchedule = option(KlSchedule.BLOB, "KL weighting per step")
-    kl_weight: float = option(1.0, "factor on KL / N_train in the loss")
+    kl_weight: float = option(1.0, "KL factor (blob: on its step pi_t * KL; single: on KL / N_train in the loss)")
     kl_anneal_steps: int | None = option(None, "linear schedule: warm-up steps (default: all)")
     bayesian_factor: BayesianFactor = option(BayesianFactor.A, "the LoRA factor with a posterior")
 
