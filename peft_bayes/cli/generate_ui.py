@@ -83,8 +83,10 @@ def build_page(responder, args):
             with gr.Column():
                 response = gr.Textbox(lines=8, label="Response")
                 status = gr.Markdown(elem_id=STATUS_ID)
-                tokens = gr.HighlightedText(label="Tokens by epistemic uncertainty (mutual information)",
-                                            elem_id=TOKENS_ID, combine_adjacent=False, show_legend=True)  # fmt: skip
+                # Gradio's numeric legend reads -1..+1; the scores are 0..1 (MI over the answer's largest), so the
+                # label says what the colour means instead
+                label = "Tokens by epistemic uncertainty: the redder, the larger its mutual information"
+                tokens = gr.HighlightedText(label=label, elem_id=TOKENS_ID, combine_adjacent=False, show_legend=False)
                 summary = gr.Markdown(elem_id=SUMMARY_ID)
                 sampled = gr.Markdown(elem_id=SAMPLES_ID)
         inputs = [instruction, input, temperature, top_p, top_k, beams, max_new, samples]
