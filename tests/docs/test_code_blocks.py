@@ -4,6 +4,8 @@ A block the tests cannot run says so with a ``<!-- docs-test: skip REASON -->`` 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +47,22 @@ def test_python_blocks_run_as_written(page, tmp_path, monkeypatch, request):
         exec(compile(SETUP[0].body, SETUP[0].id, "exec"), namespace)  # noqa: S102 - the documentation's own code
     for block in mine:
         exec(compile(block.body, block.id, "exec"), namespace)  # noqa: S102
+
+
+RUN = [b for b in SHELL if "run" in b.marks]
+
+
+@pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
+def test_shell_blocks_marked_run_print_what_they_say(block, request):
+    if "smollm2-135m" in block.body:
+        request.getfixturevalue("smollm2_cache")  # skips where the packaged model is not installed
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        ["bash", "-c", block.body], cwd=cb.ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for expected in re.findall(r"#\s*->\s*(.+)$", block.body, re.M):
+        assert expected.strip() in proc.stdout, (expected, proc.stdout[-2000:])
 
 
 def test_the_shell_checker_catches_drift():
