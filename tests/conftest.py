@@ -56,6 +56,25 @@ def smollm2_cache(tmp_path_factory) -> tuple[str, str]:
     return root, resolve_model("smollm2-135m", cache_dir=root)
 
 
+RUN_TOKEN = "PEFT_BAYES_TEST_RUN"
+
+
+def _signal_run(pgid: int, token: str, sig: int) -> None:
+    """``sig`` to the process group ``pgid`` and to every process whose environment holds ``RUN_TOKEN=token``."""
+    import contextlib
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+    marker = f"{RUN_TOKEN}={token}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    os.kill(int(entry), sig)
+
+
 @pytest.fixture(scope="session")
 def run_or_dump_stacks(tmp_path_factory):
     """``run(cmd, env, timeout=300)``: runs ``cmd`` from the repository root in a process group of its own and
@@ -73,16 +92,20 @@ def run_or_dump_stacks(tmp_path_factory):
     )
 
     def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+        token = f"{os.getpid()}-{time.monotonic_ns()}"  # marks every process of this run, whatever its session
         env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))}
+        env[RUN_TOKEN] = token
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGUSR1)
+            # torchrun starts its workers in sessions of their own, and a worker left behind holds the pipes open:
+            # signal the group and every process carrying the token, or the read below would wait for ever
+            _signal_run(proc.pid, token, signal.SIGUSR1)
             time.sleep(3)
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_run(proc.pid, token, signal.SIGKILL)
             out, err = proc.communicate()
             pytest.fail(
                 f"{' '.join(map(str, cmd[:4]))} ... hung for {timeout} s; stdout tail:\n{out[-3000:]}\n"

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved adapter to {args.output_dir} (train loss {result.training_loss:.4f})")
     # every rank (a Laplace fit: each fits its share of the data, rank 0 saves)
     posterior.after_training(workflow(args, model, tokenizer, prompter, is_choice_data(args.data_path)), collector)
-    close_process_group()
+    close_process_group(exit_after=True)  # under torchrun the rank ends here: its outputs are written
     return 0
 
 

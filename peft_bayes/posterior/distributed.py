@@ -55,7 +55,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def close_process_group(timeout_s: float = 120.0) -> None:
+def close_process_group(timeout_s: float = 120.0, exit_after: bool = False) -> None:
     """Under ``torchrun``: waits for every rank (rank 0 writes the outputs), then tears the process group down; a
     no-op without one.
 
@@ -64,6 +64,12 @@ def close_process_group(timeout_s: float = 120.0) -> None:
     and then (pytorch/pytorch#75097; in this project's CI once, a two-process run stuck after its training until it
     was killed at 600 s), so it runs in a thread given ``timeout_s``: past it, every rank has passed the barrier and
     the outputs are written, and the process says so on stderr and exits with status 0.
+
+    ``exit_after``: once the group is down, end the process at once with status 0 (output flushed), skipping the
+    interpreter's teardown. That teardown can deadlock too: freeing DDP's ``Reducer`` destroys its gloo process group
+    while holding the GIL, and gloo's worker thread, still destroying the barrier's work, waits for the GIL (seen in
+    this project's CI: the rank stuck in ``~ProcessGroupGloo`` and ``AsyncBarrierWork::~AsyncBarrierWork``). For a
+    script's last step, after its outputs are written.
     """
     import torch.distributed as dist
 
@@ -84,5 +90,12 @@ def close_process_group(timeout_s: float = 120.0) -> None:
             file=sys.stderr,
             flush=True,
         )
-        sys.stdout.flush()
-        os._exit(0)
+        _exit_now()
+    if exit_after:
+        _exit_now()
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -77,19 +77,22 @@ dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, wor
 if sys.argv[1] == "hang":
     dist.destroy_process_group = lambda: time.sleep(600)  # a teardown that never returns
 print("outputs written")  # not flushed: the exit must flush it
-close_process_group(timeout_s=2)
+close_process_group(timeout_s=2, exit_after=sys.argv[1] == "exit")
 print("closed; group initialized:", dist.is_initialized())
 """
 
 
-@pytest.mark.parametrize("teardown", ["returns", "hang"])
+@pytest.mark.parametrize("teardown", ["returns", "hang", "exit"])
 def test_close_process_group_destroys_the_group_and_bounds_a_hanging_teardown(teardown, tmp_path, run_or_dump_stacks):
     """The normal path destroys the group; a destroy_process_group that never returns (pytorch#75097) ends the
-    process after the timeout with status 0, a warning, and what it had printed."""
+    process after the timeout with status 0, a warning, and what it had printed; ``exit_after`` (train.py's last
+    step) ends it right after the teardown, with what it had printed and nothing after."""
     proc = run_or_dump_stacks([sys.executable, "-c", CLOSE, teardown, str(tmp_path / "store")], ENV, timeout=120)
     if teardown == "returns":
         assert proc.stdout.splitlines() == ["outputs written", "closed; group initialized: False"]
         assert "warning" not in proc.stderr
+    elif teardown == "exit":
+        assert proc.stdout.splitlines() == ["outputs written"] and "warning" not in proc.stderr
     else:
         assert proc.stdout.splitlines() == ["outputs written"]
         assert "destroy_process_group did not return within 2 s" in proc.stderr
