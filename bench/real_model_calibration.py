@@ -191,8 +191,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.rows = _select_rows(p, args.methods)
     if any(m == "mc_dropout" for m, _ in args.rows) and args.lora_dropout <= 0:
         p.error("--methods mc_dropout needs --lora_dropout > 0 (the LoRA adapter is trained with dropout)")
-    if args.split == "val" and any(m == "temperature" or v.key == "laplace:val" for m, v in args.rows):
-        p.error("--split val scores the validation slice that temperature scaling fits on: drop temperature")
+    fitted_on_val = [v.key for _, v in args.rows if v.val_slice]
+    if args.split == "val" and fitted_on_val:
+        p.error(f"--split val scores the validation slice that {', '.join(fitted_on_val)} fit on: drop them")
     if args.ensemble_size < 2 and any(m in ("ensemble", "multiswag") for m, _ in args.rows):
         p.error(f"--ensemble_size must be at least 2, got {args.ensemble_size}")
     for flag in (
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         test = check_test_set(args)
         train_data, index = write_train_slice(args, work)
         args.members_of = {}
-        if args.split == "val" or any(m == "temperature" or v.key == "laplace:val" for m, v in args.rows):
+        if args.split == "val" or any(v.val_slice for _, v in args.rows):
             args.val_slice = str(write_val_slice(args, work, index))
         runner = Runner(args, work, count_steps(args))
         rows = ", ".join(v.key for _, v in args.rows)

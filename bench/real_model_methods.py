@@ -32,6 +32,7 @@ class Variant:
     label: str
     flags: Flags
     per_seed: bool = True  # False: the result does not depend on the seed (zero-shot), run once
+    val_slice: bool = False  # True: fits on the validation slice (``a.val_slice``), which is then written
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,12 @@ METHODS["laplace"] = Method(  # post hoc on the LoRA adapter: fitted on the trai
     (
         Variant("laplace:all", "Laplace-LoRA (K-FAC, all)", _laplace_flags("all")),
         Variant("laplace:last_layer", "Laplace-LoRA (K-FAC, last layer)", _laplace_flags("last_layer")),
-        Variant("laplace:val", "Laplace-LoRA (K-FAC, all, prior on validation)", _laplace_flags("all", "val")),
+        Variant(
+            "laplace:val",
+            "Laplace-LoRA (K-FAC, all, prior on validation)",
+            _laplace_flags("all", "val"),
+            val_slice=True,
+        ),
     ),
 )
 
@@ -149,6 +155,7 @@ METHODS["temperature"] = Method(
             "temperature",
             "temperature scaling (MAP)",
             lambda a: ["--posterior", "temperature", "--fit_data_path", a.val_slice],
+            val_slice=True,
         ),
     ),
 )

@@ -4,6 +4,7 @@ conclusion line, the machine, the reliability diagrams and the sigma trajectorie
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -52,15 +53,12 @@ COLUMNS = [  # (header, summary key, or "train" / "stored" (computed here), digi
 
 def _value(result: dict, key: str, map_units: dict) -> float | None:
     if key in ("confidence", "tv_map"):
-        probs = _probs(result)
+        probs, reference = _probs(result), map_units.get("probs")
+        if not probs:
+            return None
         if key == "confidence":
-            return sum(max(p) for p in probs) / len(probs) if probs else None
-        reference = map_units.get("probs")
-        return (
-            None
-            if not probs or reference is None or len(reference) != len(probs)
-            else total_variation(probs, reference)
-        )
+            return sum(max(p) for p in probs) / len(probs)
+        return total_variation(probs, reference) if reference and len(reference) == len(probs) else None
     if key == "train":
         return None if result["train_seconds"] is None else result["train_seconds"] / 60
     if key == "process":
@@ -72,12 +70,20 @@ def _value(result: dict, key: str, map_units: dict) -> float | None:
     return None if value is None else float(value)
 
 
+@functools.cache
+def _read_predictions(path: str) -> tuple[dict, ...]:
+    return tuple(json.loads(Path(path).read_text(encoding="utf-8"))) if os.path.isfile(path) else ()
+
+
+def _predictions(result: dict) -> tuple[dict, ...]:
+    """evaluate.py's per-question predictions of a run, in test-set order (empty when they are gone); each file is
+    read once per report (``write_report`` clears the cache)."""
+    name = f"{result['summary'].get('dataset')}_predictions.json"
+    return _read_predictions(str(Path(result.get("eval_dir") or "") / name))
+
+
 def _probs(result: dict) -> list[list[float]]:
-    """The option probabilities of every scored question, in test-set order ([] when the predictions are gone)."""
-    path = Path(result.get("eval_dir") or "") / f"{result['summary'].get('dataset')}_predictions.json"
-    if not path.is_file():
-        return []
-    return [p["probs"] for p in json.loads(path.read_text(encoding="utf-8"))]
+    return [p["probs"] for p in _predictions(result)]
 
 
 def total_variation(probs: list[list[float]], reference: list[list[float]]) -> float:
@@ -194,8 +200,7 @@ def copy_diagrams(results: list[dict], out: Path, stem: str) -> list[str]:
 
 
 def _confidences(result: dict) -> list[tuple[float, bool]]:
-    path = Path(result["eval_dir"]) / f"{result['summary']['dataset']}_predictions.json"
-    return [(max(p["probs"]), bool(p["correct"])) for p in json.loads(path.read_text(encoding="utf-8"))]
+    return [(max(p["probs"]), bool(p["correct"])) for p in _predictions(result)]
 
 
 def combined_figure(args: argparse.Namespace, results: list[dict], path: Path) -> str | None:
@@ -313,6 +318,7 @@ def report_stem(args: argparse.Namespace) -> str:
 def write_report(args, results: list[dict], runner, extra: dict) -> tuple[str, str]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _read_predictions.cache_clear()  # evaluations rerun since the last report rewrote their files
     stem = report_stem(args)
     rows = aggregate(args, results)
     md = markdown(rows)
