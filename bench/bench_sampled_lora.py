@@ -18,8 +18,9 @@ The configurations (``--configs``):
 - ``base``: the frozen base layer alone; backward computes the gradient of x only.
 - ``peft_lora``: PEFT's own LoRA layer (``LoraConfig`` through ``get_peft_model`` on a one-Linear module; on NF4
   ``peft.tuners.lora.bnb.Linear4bit``), ``B(A x)`` in PyTorch.
-- ``fused_lora``: the BayesLoRA layer in mean mode (``sampling(model, False)``) with ``PEFT_BAYES_KERNEL=triton``:
-  plain LoRA through the fused kernels (``x A^T`` by Triton, ``B`` added in place into the base output).
+- ``bayeslora_mean``: the BayesLoRA layer in mean mode (``sampling(model, False)``). Its mean pass calls PEFT's own
+  ``lora_A`` / ``lora_B`` modules (so that module hooks, a Laplace fit's for one, see them as in LoRA), so this row
+  measures the BayesLoRA layer's wrapper around PEFT's computation, not a kernel: it should match ``peft_lora``.
 - ``reference_bayeslora``: the BayesLoRA layer sampling (fresh E and flipout signs each forward, BLoB's default
   flipout on factor A) with ``PEFT_BAYES_KERNEL=reference``: E (r x d_in) and the per-token signs (tokens x d_in,
   tokens x r) are drawn by torch and held in memory.
@@ -38,15 +39,17 @@ configuration:
   ``triton.testing.do_bench`` (CUDA events, L2 cache cleared before each run, ``--warmup_ms`` / ``--rep_ms``); on
   CPU: the median of ``--reps`` ``time.perf_counter`` runs after ``--warmup`` untimed ones. The JSON keeps the 20th
   and 80th percentiles too.
-- **peak MiB** (CUDA only): ``torch.cuda.max_memory_allocated`` during one fwd+bwd minus the allocation just before
-  it: what the pass itself allocates (saved activations, noise, output, gradients), not the weights or inputs. On
-  CPU it is not measured: empty in the CSV, null in the JSON, ``n/a`` in the table.
+- **peak MiB**: what one fwd+bwd allocates at its peak (saved activations, noise, output, gradients), not the
+  weights or inputs. On CUDA ``torch.cuda.max_memory_allocated`` minus the allocation just before the pass; on CPU
+  the peak of the live tensors the pass's operations create (``bench/live_memory.py``: the same count without a
+  caching allocator, so a CPU run at tiny shapes shows how many tokens x width tensors each path keeps).
 - **ratios** (of the fwd+bwd medians, same case, same run): vs ``peft_lora``, vs ``base``; for ``fused_bayeslora``
   vs ``reference_bayeslora``, and the same for the *adapter part* = config time - base time (the cost the adapter
   adds on top of the frozen layer; NaN where the reference's adapter part is not positive). **extra peak MiB**:
-  peak - ``peft_lora``'s peak. ``fused_lora`` also reports its output's max relative difference from ``peft_lora``
-  (same weights, so it should be at rounding level: a check that the fused path computed the same layer).
-- **kernel**: which path ran: ``triton``, or ``reference`` where the fused path does not apply (rank > its maximum).
+  peak - ``peft_lora``'s peak. ``bayeslora_mean`` also reports its output's max relative difference from
+  ``peft_lora`` (same weights, so it should be at rounding level: a check that the layers agree).
+- **kernel**: which path ran: ``triton``, ``reference`` where the fused path does not apply (rank > its maximum),
+  ``torch`` for PEFT's modules, ``bnb`` for the bitsandbytes base alone.
 
 Outputs under ``--output_dir`` (default ``bench/results``): ``sampled_lora.csv`` (one row per case and
 configuration), ``sampled_lora.json`` (rows with spreads, settings, environment: torch, triton, bitsandbytes, peft,
@@ -106,11 +109,14 @@ from peft_bayes.kernels import sampled_lora  # noqa: E402
 from peft_bayes.kernels.nf4_matmul import nf4_matmul  # noqa: E402
 from peft_bayes.models import disable_bnb_cpu_repacking  # noqa: E402
 
+from live_memory import LivePeak  # noqa: E402  (bench/, beside this script)
+
 STEM = "sampled_lora"
 MiB = 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASES = ("fp", "nf4")
 PHASES = ("fwd", "bwd", "fwdbwd")
+DIFF = "bayeslora_mean max rel diff vs peft_lora"
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ CONFIGS = {
     for c in (
         Config("base", "base"),
         Config("peft_lora", "lora"),
-        Config("fused_lora", "bayes", kernel="triton", sample=False),
+        Config("bayeslora_mean", "bayes", kernel="triton", sample=False),
         Config("reference_bayeslora", "bayes", kernel="reference", sample=True),
         Config("fused_bayeslora", "bayes", kernel="triton", sample=True),
         Config("triton_nf4_base", "nf4_triton"),  # nf4 base only: is our dequantise-in-the-tile matmul faster?
@@ -289,7 +295,7 @@ def kernel_used(config: Config, case: Case, x: torch.Tensor) -> str:
     ``add_sampled_lora`` takes for a BayesLoRA config (call inside ``config_mode``)."""
     if config.layer == "base":
         return "bnb" if case.base == "nf4" else "torch"
-    if config.layer == "lora":
+    if config.layer == "lora" or config.sample is False:  # the mean pass calls PEFT's lora_A / lora_B
         return "torch"
     if config.layer == "nf4_triton":
         return "triton"
@@ -328,11 +334,15 @@ def time_ms(fn: Callable[[], Any], grads: list[torch.Tensor], args: argparse.Nam
     return [q[1], statistics.median(times), q[7]]
 
 
-def peak_bytes(fn: Callable[[], Any], grads: list[torch.Tensor], device: torch.device) -> int | None:
-    """Bytes ``fn`` allocates at its peak above the allocation before it (CUDA); None on CPU (not measured)."""
-    if device.type != "cuda":
-        return None
+def peak_bytes(fn: Callable[[], Any], grads: list[torch.Tensor], device: torch.device) -> int:
+    """Bytes ``fn`` allocates at its peak above the allocation before it: the CUDA allocator's count on CUDA, the
+    live tensors its operations create elsewhere (``LivePeak``)."""
     _clear(grads)
+    if device.type != "cuda":
+        with LivePeak() as live:
+            fn()
+        _clear(grads)
+        return live.bytes
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -363,7 +373,7 @@ def measure(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, args: argparse.
     for phase in PHASES:
         out[f"{phase}_ms"] = spread[phase][1]
     peak = peak_bytes(lambda: layer(x).backward(dy), grads, args.device)
-    out["peak_mib"] = None if peak is None else peak / MiB
+    out["peak_mib"] = peak / MiB
     out["spread_ms"] = {phase: [spread[phase][0], spread[phase][2]] for phase in PHASES}
     return out
 
@@ -395,7 +405,7 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update(tokens=case.tokens, rank=case.rank, dtype=args.dtype, config=name)
             row["kernel"] = kernel_used(config, case, x)
             row.update(measure(layer, x, dy, args))
-            if name == "fused_lora" and lora_out is not None:
+            if name == "bayeslora_mean" and lora_out is not None:
                 with torch.no_grad():
                     diff = (layer(x).float() - lora_out).abs().max() / lora_out.abs().max()
                 row["max_rel_diff_vs_peft_lora"] = float(diff)
@@ -448,20 +458,20 @@ SUMMARY = (  # (label, config, row key): geometric mean over the cases of one ba
     ("same, adapter part", "fused_bayeslora", "adapter_vs_reference"),
     ("fused_bayeslora / peft_lora", "fused_bayeslora", "fwdbwd_vs_peft_lora"),
     ("reference_bayeslora / peft_lora", "reference_bayeslora", "fwdbwd_vs_peft_lora"),
-    ("fused_lora / peft_lora", "fused_lora", "fwdbwd_vs_peft_lora"),
+    ("bayeslora_mean / peft_lora", "bayeslora_mean", "fwdbwd_vs_peft_lora"),
     ("peft_lora / base", "peft_lora", "fwdbwd_vs_base"),
     ("triton NF4 base / bitsandbytes NF4 base", "triton_nf4_base", "fwdbwd_vs_base"),
 )
 
 
 def summarize(rows: list[dict[str, Any]], bases: list[str]) -> dict[str, dict[str, float | None]]:
-    """Per base: the geometric mean over cases of each SUMMARY ratio, and fused_lora's worst output difference."""
+    """Per base: the geometric mean over cases of each SUMMARY ratio, and bayeslora_mean's worst output difference."""
     out = {}
     for base in bases:
         mine = [r for r in rows if r["base"] == base]
         entry = {label: _geomean([r.get(key) for r in mine if r["config"] == cfg]) for label, cfg, key in SUMMARY}
         diffs = [r["max_rel_diff_vs_peft_lora"] for r in mine if "max_rel_diff_vs_peft_lora" in r]
-        entry["fused_lora max rel diff vs peft_lora"] = max(diffs) if diffs else None
+        entry[DIFF] = max(diffs) if diffs else None
         out[base] = entry
     return out
 
@@ -482,7 +492,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "cuda": torch.version.cuda if cuda else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "timer": "triton.testing.do_bench median (CUDA events)" if cuda else "time.perf_counter median",
-        "peak_memory": "torch.cuda.max_memory_allocated - allocated before" if cuda else "not measured on CPU",
+        "peak_memory": "torch.cuda.max_memory_allocated - allocated before" if cuda else LIVE,
     }
 
 
@@ -492,7 +502,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-CPU_NOTE = "not measured on CPU (n/a). CPU: the fused kernels run in Triton's interpreter, not as kernels."
+LIVE = "peak of the live tensors the pass creates (bench/live_memory.py)"
+CPU_NOTE = f"{LIVE}. CPU: the fused kernels run in Triton's interpreter, so times mean nothing."
 CUDA_NOTE = "CUDA allocator peak during one fwd+bwd above the level before it."
 
 
@@ -505,12 +516,12 @@ def markdown(rows: list[dict[str, Any]], summary: dict, env: dict[str, Any]) -> 
         f"{env['bitsandbytes']}, peft {env['peft']}. Times: {env['timer']}; fwd+bwd = forward + backward to x and "
         "the adapter parameters (base frozen). Peak: " + (CPU_NOTE if cpu else CUDA_NOTE) + "\n",
         "## Summary (geometric mean over shapes x tokens x ranks of fwd+bwd ratios)\n",
-        "| base | " + " | ".join(label for label, _, _ in SUMMARY) + " | fused_lora max rel diff vs peft_lora |",
+        "| base | " + " | ".join(label for label, _, _ in SUMMARY) + f" | {DIFF} |",
         "|---|" + "---:|" * (len(SUMMARY) + 1),
     ]
     for base, entry in summary.items():
         cells = [_fmt(entry[label]) for label, _, _ in SUMMARY]
-        diff = entry["fused_lora max rel diff vs peft_lora"]
+        diff = entry[DIFF]
         cells.append("n/a" if diff is None else f"{diff:.1e}")
         head.append(f"| {base} | " + " | ".join(cells) + " |")
     table = [

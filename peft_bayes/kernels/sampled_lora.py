@@ -15,9 +15,11 @@ Two implementations sit behind one call, ``add_sampled_lora`` (the only one the 
 - the **reference** (``draw_noise``, ``flipout_linear``, ``sampled_lora_delta``): plain PyTorch, E and the signs
   drawn by torch's generator and held in memory. CPU path and test oracle.
 - the **fused Triton path** (GPU; on CPU under ``TRITON_INTERPRET=1``): one kernel computes ``h = x M^T`` and the
-  flipout noise path reading x once, with E and the signs generated in registers by Philox from a (seed, offset)
-  and never written to memory; backward kernels regenerate them from the same seed. The B projection is then added
-  into the base layer's output buffer in place (``addmm_``), so no (tokens x d_out) temporary is made.
+  flipout noise path reading x once, with the per-token signs generated in registers by Philox from a (seed,
+  offset) and never written to memory (32 signs from the bits of each draw); backward kernels regenerate them from
+  the same seed. ``sigma * E`` is factor-sized, so it is drawn once per forward by a small kernel and kept for the
+  backward. The B projection is then added into the base layer's output buffer in place (``addmm_``), so no
+  (tokens x d_out) temporary is made.
 
 ``kernel_path`` picks one: Triton for CUDA tensors, the reference elsewhere; ``PEFT_BAYES_KERNEL=auto|triton|
 reference`` overrides (``triton`` on CPU tensors needs the interpreter). Nothing here imports more than torch and
@@ -127,7 +129,8 @@ def sampled_lora_delta(
 # Fused Triton path. Shapes: x (T, K) tokens x d_in, M and S = sigma (R, K), B (N, R), h (T, R), result (T, N).
 # Noise layout, shared by every kernel so backward regenerates exactly what forward used:
 #   E[r, k]      = randn(seed,     r * K + k)
-#   r_in[t, k]   = sign of randint(seed + 1, t * K + k)
+#   r_in[t, k]   = bit (k mod 32) of randint(seed + 1, t * KW + k // 32), KW = ceil(K / 32): one Philox draw gives
+#                  32 signs, so the tokens x d_in signs cost T * K / 32 draws per pass instead of T * K
 #   r_out[t, r]  = sign of randint(seed + 2, t * R + r)
 # Offsets are int64 (Philox takes both 32-bit halves), so any T * K works.
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,6 +145,23 @@ if triton is not None:
     def _rademacher(seed, offsets):
         # The low bit of one Philox draw per entry: +1 or -1 in float32.
         return 1.0 - 2.0 * (tl.randint(seed, offsets) & 1).to(tl.float32)
+
+    @triton.jit
+    def _bit_signs(seed, t, k, KW):
+        # r_in for tokens t (int64, any shape broadcasting with k) and columns k: bit k % 32 of word (t, k // 32),
+        # computed entry by entry (a Philox draw each): the layout's definition, used where a tile has < 32 columns.
+        words = tl.randint(seed, t * KW + k // 32)
+        return 1.0 - 2.0 * ((words >> (k % 32).to(tl.uint32)) & 1).to(tl.float32)
+
+    @triton.jit
+    def _signs_in(seed, t, k0, KW, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        # r_in for tokens t (int64, BLOCK_T) and columns k0 .. k0 + BLOCK_K - 1, k0 a multiple of BLOCK_K: one Philox
+        # draw per 32 columns, its bits spread over them (a (T, K/32, 32) tile reshaped to (T, K), row-major).
+        if BLOCK_K >= 32:
+            words = tl.randint(seed, t[:, None] * KW + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :])
+            bits = (words[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
+            return 1.0 - 2.0 * tl.reshape(bits, (BLOCK_T, BLOCK_K)).to(tl.float32)
+        return _bit_signs(seed, t[:, None], k0 + tl.arange(0, BLOCK_K).to(tl.int64)[None, :], KW)
 
     @triton.jit
     def _mm(a, b, DOT_F32: tl.constexpr):
@@ -159,23 +179,42 @@ if triton is not None:
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         tl.store(e_ptr + i, tl.randn(seed, i), mask=i < R * K)
         if FLIPOUT:
-            tl.store(sin_ptr + i, _rademacher(seed + 1, i), mask=i < T * K)
+            tl.store(sin_ptr + i, _bit_signs(seed + 1, i // K, i % K, tl.cdiv(K, 32)), mask=i < T * K)
             tl.store(sout_ptr + i, _rademacher(seed + 2, i), mask=i < T * R)
 
     @triton.jit
+    def _scaled_noise_kernel(s_ptr, w_ptr, e_ptr, N, seed, BLOCK: tl.constexpr):
+        # E (fp32) and w = sigma * E (w's dtype) over the factor's N = R * K entries: one draw per forward, not per
+        # token; the backward reads E for dS = E * (...).
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        e = tl.randn(seed, i)
+        s = tl.load(s_ptr + i, mask=i < N, other=0.0).to(tl.float32)
+        tl.store(e_ptr + i, e, mask=i < N)
+        tl.store(w_ptr + i, (s * e).to(w_ptr.dtype.element_ty), mask=i < N)
+
+    @triton.jit
+    def _signed_rows_kernel(dh_ptr, out_ptr, N, seed, BLOCK: tl.constexpr):
+        # out = dh * r_out over the N = T * R entries of dh (flat index t * R + r is r_out's offset): the noise path's
+        # gradient, signed once for both backward kernels.
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        dh = tl.load(dh_ptr + i, mask=i < N, other=0.0)
+        tl.store(out_ptr + i, dh * _rademacher(seed, i), mask=i < N)
+
+    @triton.jit
     def _down_fwd_kernel(
-        x_ptr, m_ptr, s_ptr, h_ptr, T, K, R, seed,
+        x_ptr, m_ptr, w_ptr, h_ptr, T, K, R, seed,
         NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         # Program (token block, split s): BLOCK_T tokens, all R ranks, K blocks s, s + SPLIT, ... (split-K fills the
         # GPU when there are few token blocks). Each x tile is read once and feeds both the mean product and the noise
-        # product; E and the signs live only in registers. Output: fp32 partial sums (SPLIT, T, R), summed by the host
-        # (r_out is per (token, rank), so it applies to each partial).
+        # product; the signs live only in registers, w = sigma * E is read like M. Output: fp32 partial sums (SPLIT, T,
+        # R), summed by the host (r_out is per (token, rank), so it applies to each partial).
         split, n_split = tl.program_id(1), tl.num_programs(1)
         t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         r = tl.arange(0, BLOCK_R).to(tl.int64)
         t_ok, r_ok = t < T, r < R
+        kw = tl.cdiv(K, 32)
         acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)  # x M^T
         acc_noise = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)  # (x * r_in) (S * E)^T
         for k0 in range(split * BLOCK_K, K, n_split * BLOCK_K):
@@ -189,10 +228,9 @@ if triton is not None:
             m = tl.load(m_ptr + w_off, mask=w_ok, other=0.0).to(x.dtype)
             acc += _mm(x, tl.trans(m), DOT_F32)
             if NOISE:
-                s = tl.load(s_ptr + w_off, mask=w_ok, other=0.0)
-                w = (s.to(tl.float32) * tl.randn(seed, w_off)).to(x.dtype)  # (R, K) sample of sigma * E
+                w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0).to(x.dtype)  # (R, K) sample of sigma * E
                 if FLIPOUT:
-                    x = x * _rademacher(seed + 1, t[:, None] * K + k[None, :]).to(x.dtype)
+                    x = x * _signs_in(seed + 1, t, k0, kw, BLOCK_T, BLOCK_K).to(x.dtype)
                 acc_noise += _mm(x, tl.trans(w), DOT_F32)
         if NOISE:
             if FLIPOUT:
@@ -203,13 +241,15 @@ if triton is not None:
 
     @triton.jit
     def _down_bwd_dx_kernel(
-        dh_ptr, m_ptr, s_ptr, dx_ptr, T, K, R, seed,
+        dh_ptr, dhs_ptr, m_ptr, w_ptr, dx_ptr, T, K, R, seed,
         NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
-        # dx = dh M + r_in * ((dh * r_out) (S * E)), one (BLOCK_T, BLOCK_K) tile per program; R fits one block.
+        # dx = dh M + r_in * (dhs w), dhs = dh * r_out (signed by the host's call), w = sigma * E; one (BLOCK_T,
+        # BLOCK_K) tile per program; R fits one block.
         t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k0 = tl.program_id(1) * BLOCK_K
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         r = tl.arange(0, BLOCK_R).to(tl.int64)
         t_ok, k_ok, r_ok = t < T, k < K, r < R
         w_off = r[:, None] * K + k[None, :]
@@ -217,16 +257,16 @@ if triton is not None:
         m = tl.load(m_ptr + w_off, mask=w_ok, other=0.0)
         if DOT_F32:
             m = m.to(tl.float32)
-        dh = tl.load(dh_ptr + t[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        h_off = t[:, None] * R + r[None, :]
+        h_ok = t_ok[:, None] & r_ok[None, :]
+        dh = tl.load(dh_ptr + h_off, mask=h_ok, other=0.0)
         dx = _mm(dh.to(m.dtype), m, DOT_F32)
         if NOISE:
-            s = tl.load(s_ptr + w_off, mask=w_ok, other=0.0)
-            w = (s.to(tl.float32) * tl.randn(seed, w_off)).to(m.dtype)
+            w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0).to(m.dtype)
+            dhs = tl.load(dhs_ptr + h_off, mask=h_ok, other=0.0)
+            dn = _mm(dhs.to(m.dtype), w, DOT_F32)
             if FLIPOUT:
-                dh = dh * _rademacher(seed + 2, t[:, None] * R + r[None, :])
-            dn = _mm(dh.to(m.dtype), w, DOT_F32)
-            if FLIPOUT:
-                dn = dn * _rademacher(seed + 1, t[:, None] * K + k[None, :])
+                dn = dn * _signs_in(seed + 1, t, k0, tl.cdiv(K, 32), BLOCK_T, BLOCK_K)
             dx += dn
         tl.store(
             dx_ptr + t[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & k_ok[None, :]
@@ -234,16 +274,17 @@ if triton is not None:
 
     @triton.jit
     def _down_bwd_dw_kernel(
-        x_ptr, dh_ptr, dm_ptr, ds_ptr, T, K, R, seed,
+        x_ptr, dh_ptr, dhs_ptr, e_ptr, dm_ptr, ds_ptr, T, K, R, seed,
         NOISE: tl.constexpr, FLIPOUT: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
-        # Program (k block, split s) sums tokens s, s + SPLIT, ... of dM = dh^T x and dS = E * ((dh * r_out)^T
-        # (x * r_in)) into fp32 partials (SPLIT, R, K); the host sums the splits (deterministic, no atomics).
+        # Program (k block, split s) sums tokens s, s + SPLIT, ... of dM = dh^T x and dS = E * (dhs^T (x * r_in)),
+        # dhs = dh * r_out, into fp32 partials (SPLIT, R, K); the host sums the splits (deterministic, no atomics).
         pid_k, split, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
         r = tl.arange(0, BLOCK_R).to(tl.int64)
         k_ok, r_ok = k < K, r < R
+        kw = tl.cdiv(K, 32)
         acc_m = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
         acc_s = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
         for t0 in range(split * BLOCK_T, T, n_split * BLOCK_T):
@@ -252,19 +293,22 @@ if triton is not None:
             x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             if DOT_F32:
                 x = x.to(tl.float32)
-            dh = tl.load(dh_ptr + t[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            h_off = t[:, None] * R + r[None, :]
+            h_ok = t_ok[:, None] & r_ok[None, :]
+            dh = tl.load(dh_ptr + h_off, mask=h_ok, other=0.0)
             acc_m += _mm(tl.trans(dh.to(x.dtype)), x, DOT_F32)
             if NOISE:
+                dhs = tl.load(dhs_ptr + h_off, mask=h_ok, other=0.0)
                 if FLIPOUT:
-                    dh = dh * _rademacher(seed + 2, t[:, None] * R + r[None, :])
-                    x = x * _rademacher(seed + 1, t[:, None] * K + k[None, :]).to(x.dtype)
-                acc_s += _mm(tl.trans(dh.to(x.dtype)), x, DOT_F32)
+                    x = x * _signs_in(seed + 1, t, pid_k * BLOCK_K, kw, BLOCK_T, BLOCK_K).to(x.dtype)
+                acc_s += _mm(tl.trans(dhs.to(x.dtype)), x, DOT_F32)
         w_off = r[:, None] * K + k[None, :]
         w_ok = r_ok[:, None] & k_ok[None, :]
         part = split.to(tl.int64) * R * K
         tl.store(dm_ptr + part + w_off, acc_m, mask=w_ok)
         if NOISE:
-            tl.store(ds_ptr + part + w_off, acc_s * tl.randn(seed, w_off), mask=w_ok)
+            e = tl.load(e_ptr + w_off, mask=w_ok, other=0.0)
+            tl.store(ds_ptr + part + w_off, acc_s * e, mask=w_ok)
 
 
 def _interpreting() -> bool:
@@ -312,63 +356,91 @@ def _k_splits(x: torch.Tensor, token_blocks: int, k_blocks: int) -> int:
     return max(1, min(k_blocks, triton.cdiv(programs, token_blocks)))
 
 
-def _down_forward(x, m, s, seed: int, noise: bool, flipout: bool, n_split: int | None = None) -> torch.Tensor:
-    """h = x M^T (+ flipout noise): (T, R) float32. ``n_split``: split-K factor (default: by device)."""
+def _scaled_noise(s: torch.Tensor, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, E): w = sigma * E (R, K) in ``dtype`` and E in float32, E drawn from ``seed`` in the kernels' layout."""
+    w = torch.empty(s.shape, device=s.device, dtype=dtype)
+    e = torch.empty(s.shape, device=s.device, dtype=torch.float32)
+    _scaled_noise_kernel[(triton.cdiv(s.numel(), 1024),)](s, w, e, s.numel(), seed, BLOCK=1024)
+    return w, e
+
+
+def _signed_rows(dh: torch.Tensor, seed: int) -> torch.Tensor:
+    """dh * r_out for the draw of ``seed`` (r_out's own seed is ``seed + 2``): (T, R) float32."""
+    out = torch.empty_like(dh)
+    _signed_rows_kernel[(triton.cdiv(dh.numel(), 1024),)](dh, out, dh.numel(), seed + 2, BLOCK=1024)
+    return out
+
+
+def _down_forward(x, m, w, seed: int, noise: bool, flipout: bool, n_split: int | None = None) -> torch.Tensor:
+    """h = x M^T (+ flipout noise with w = sigma * E): (T, R) float32. ``n_split``: split-K factor (default: by
+    device)."""
     (t, k), r = x.shape, m.shape[0]
     bt, bk, br = _blocks(t, k, r)
     n_split = n_split or _k_splits(x, triton.cdiv(t, bt), triton.cdiv(k, bk))
     h = torch.empty(n_split, t, r, device=x.device, dtype=torch.float32)
     dot_f32 = x.dtype == torch.float32 or _interpreting()
     _down_fwd_kernel[(triton.cdiv(t, bt), n_split)](
-        x, m, s, h, t, k, r, seed, NOISE=noise, FLIPOUT=flipout, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br
+        x, m, w, h, t, k, r, seed, NOISE=noise, FLIPOUT=flipout, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br
     )
     return h[0] if n_split == 1 else h.sum(0)
 
 
-def _down_backward(x, m, s, dh, seed: int, noise: bool, flipout: bool, need_dx: bool):
-    """(dx, dM, dS) of h = x M^T + noise path, given dh (T, R) float32; dM and dS in float32."""
+def _down_backward(x, m, w, e, dh, seed: int, noise: bool, flipout: bool, need_dx: bool):
+    """(dx, dM, dS) of h = x M^T + noise path (w = sigma * E, E float32), given dh (T, R) float32; dM and dS in
+    float32."""
     (t, k), r = x.shape, m.shape[0]
     bt, bk, br = _blocks(t, k, r)
     flags = {"NOISE": noise, "FLIPOUT": flipout, "DOT_F32": x.dtype == torch.float32 or _interpreting()}
     flags.update(BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br)
+    dhs = _signed_rows(dh, seed) if noise and flipout else dh  # the noise path's dh, signed once for both kernels
     dx = None
     if need_dx:
         dx = torch.empty_like(x)
-        _down_bwd_dx_kernel[(triton.cdiv(t, bt), triton.cdiv(k, bk))](dh, m, s, dx, t, k, r, seed, **flags)
+        grid = (triton.cdiv(t, bt), triton.cdiv(k, bk))
+        _down_bwd_dx_kernel[grid](dh, dhs, m, w, dx, t, k, r, seed, **flags)
     # Enough splits over tokens to fill the GPU when K has few blocks; each split's partial is only (R, K).
     n_split = max(1, min(triton.cdiv(t, bt), 256 // triton.cdiv(k, bk)))
     dm = torch.empty(n_split, r, k, device=x.device, dtype=torch.float32)
     ds = torch.empty_like(dm) if noise else dm
-    _down_bwd_dw_kernel[(triton.cdiv(k, bk), n_split)](x, dh, dm, ds, t, k, r, seed, **flags)
+    _down_bwd_dw_kernel[(triton.cdiv(k, bk), n_split)](x, dh, dhs, e, dm, ds, t, k, r, seed, **flags)
     return dx, dm.sum(0), (ds.sum(0) if noise else None)
 
 
 class _FusedSampledLora(torch.autograd.Function):
-    """result += s * B h, h = x M^T + ((x * r_in) (S * E)^T) * r_out, in place on ``result`` (the base output)."""
+    """result += s * B h, h = x M^T + ((x * r_in) (S * E)^T) * r_out, in place on ``result`` (the base output).
+
+    Saved for the backward: x (which autograd keeps for the base layer anyway), the factors, h (tokens x r), and
+    S * E and E (factor-sized); nothing per token of the noise."""
 
     @staticmethod
     def forward(ctx, result, x, m, s, b, scaling: float, seed: int, noise: bool, flipout: bool):
-        # result (T, N) base layer output, x (T, K), m / s (R, K), b (N, R); s is m when noise is off.
-        h = _down_forward(x, m, s, seed, noise, flipout)  # (T, R) float32: small, kept for dB
-        result.addmm_(h.to(result.dtype), b.t().to(result.dtype), alpha=scaling)  # cuBLAS, into the base buffer
+        # result (..., N) base layer output, x (T, K), m / s (R, K), b (N, R); s is m when noise is off.
+        # ``result`` comes in with its own shape and is flattened here, where autograd does not see it: marking a
+        # *view* dirty would make autograd rebase it on its base (CopySlices), whose backward copies the whole
+        # (tokens x N) gradient two or three times.
+        w, e = _scaled_noise(s, seed, x.dtype) if noise else (m, m)  # S * E and E, drawn once for every token
+        h = _down_forward(x, m, w, seed, noise, flipout)  # (T, R) float32: small, kept for dB
+        flat = result.view(-1, result.shape[-1])
+        flat.addmm_(h.to(result.dtype), b.t().to(result.dtype), alpha=scaling)  # cuBLAS, into the base buffer
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, m, s, b, h)
+        ctx.save_for_backward(x, m, s, b, h, w, e)
         ctx.args = (scaling, seed, noise, flipout)
         return result
 
     @staticmethod
-    def backward(ctx, grad):
-        x, m, s, b, h = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        x, m, s, b, h, w, e = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])  # a view for the contiguous gradients autograd passes
         scaling, seed, noise, flipout = ctx.args
         need_x, need_m, need_s, need_b = ctx.needs_input_grad[1:5]
         db = (grad.t() @ h.to(grad.dtype)).mul_(scaling).to(b.dtype) if need_b else None  # (N, R)
         dx = dm = ds = None
         if need_x or need_m or (noise and need_s):
             dh = (grad @ b.to(grad.dtype)).float().mul_(scaling)  # (T, R)
-            dx, dm, ds = _down_backward(x, m, s, dh, seed, noise, flipout, need_x)
+            dx, dm, ds = _down_backward(x, m, w, e, dh, seed, noise, flipout, need_x)
             dm = dm.to(m.dtype) if need_m else None
             ds = ds.to(s.dtype) if (noise and need_s) else None
-        return grad, dx, dm, ds, db, None, None, None, None
+        return grad_out, dx, dm, ds, db, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,5 +567,4 @@ def _fused_into(result, x, a, b, std, scaling: float, seed: int, flipout: bool) 
         x2, a, b, std = (v if v is None else v.to(cast) for v in (x2, a, b, std))
     a, b = a.contiguous(), b.contiguous()
     s = std.contiguous() if std is not None else a
-    flat = _FusedSampledLora.apply(out.view(-1, out.shape[-1]), x2, a, s, b, scaling, seed, std is not None, flipout)
-    return flat.view(out.shape)
+    return _FusedSampledLora.apply(out, x2, a, s, b, scaling, seed, std is not None, flipout)

@@ -130,9 +130,10 @@ def test_fused_matches_reference_half(shape, dtype):
 def test_split_k_forward_equals_one_pass(flipout):
     """The GPU splits K over programs (partial sums per split); every split count gives the same h."""
     x, m, rho, *_ = _inputs(40, 200, 8, 5, torch.float32, seed=9)
-    one = sl._down_forward(x, m, rho**2, 21, True, flipout, n_split=1)
+    w, _ = sl._scaled_noise(rho**2, 21, x.dtype)
+    one = sl._down_forward(x, m, w, 21, True, flipout, n_split=1)
     for n_split in (2, 3, 5):  # 200 = 4 blocks of 64: uneven shares, and with 5 a split with no block
-        torch.testing.assert_close(sl._down_forward(x, m, rho**2, 21, True, flipout, n_split=n_split), one)
+        torch.testing.assert_close(sl._down_forward(x, m, w, 21, True, flipout, n_split=n_split), one)
     draws = _noise64(21, 40, (5, 200), flipout)
     want = sl.flipout_linear(x.double(), m.double(), rho.double() ** 2, draws)
     assert (one.double() - want).abs().max() <= RTOL[torch.float32] * want.abs().max()
@@ -174,6 +175,27 @@ def test_noise_statistics_over_seeds():
     assert (h.mean(0).abs() < 6 * (want_var / n_seeds).sqrt()).all()
     # Var of a sample variance of normals: 2 sigma^4 / (n - 1).
     assert ((h.var(0) - want_var).abs() < 6 * want_var * (2 / (n_seeds - 1)) ** 0.5).all()
+
+
+def test_packed_signs_are_balanced_and_uncorrelated():
+    """r_in takes 32 signs from the bits of one Philox draw: they must still look like independent fair coins, within
+    a word (neighbouring columns), across words (columns 32 apart: the same bit of the next draw), across tokens and
+    across seeds."""
+    tokens, cols = 300, 96  # three words per token
+    s = sl.philox_noise(3, tokens, (2, cols), device=DEVICE).sign_in.cpu().double()
+    other = sl.philox_noise(4, tokens, (2, cols), device=DEVICE).sign_in.cpu().double()
+    assert set(s.unique().tolist()) == {-1.0, 1.0}
+    pairs = {
+        "mean": s,
+        "neighbouring columns": s[:, :-1] * s[:, 1:],
+        "columns 32 apart": s[:, :-32] * s[:, 32:],
+        "neighbouring tokens": s[:-1] * s[1:],
+        "seeds 3 and 4": s * other,
+    }
+    for what, prod in pairs.items():  # each a mean of +-1 terms: 6 standard errors
+        assert abs(prod.mean().item()) < 6 / prod.numel() ** 0.5, what
+    bits = (s > 0).reshape(tokens, 3, 32).double().mean((0, 1))  # every bit position is a fair coin
+    assert ((bits - 0.5).abs() < 6 * (0.25 / (tokens * 3)) ** 0.5).all(), bits
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
