@@ -99,6 +99,7 @@ import bitsandbytes as bnb  # noqa: E402
 import peft  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+from live_memory import LivePeak  # noqa: E402  (bench/, beside this script)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -108,8 +109,6 @@ from peft_bayes.io import write_text_atomic  # noqa: E402
 from peft_bayes.kernels import sampled_lora  # noqa: E402
 from peft_bayes.kernels.nf4_matmul import nf4_matmul  # noqa: E402
 from peft_bayes.models import disable_bnb_cpu_repacking  # noqa: E402
-
-from live_memory import LivePeak  # noqa: E402  (bench/, beside this script)
 
 STEM = "sampled_lora"
 MiB = 2**20
