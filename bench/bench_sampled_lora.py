@@ -71,7 +71,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,7 @@ from peft_bayes.arguments import positive_ints  # noqa: E402
 from peft_bayes.io import write_text_atomic  # noqa: E402
 from peft_bayes.kernels import sampled_lora  # noqa: E402
 from peft_bayes.kernels.nf4_matmul import nf4_matmul  # noqa: E402
+from peft_bayes.kernels.sampled_lora import Tiles, tile_sizes  # noqa: E402
 from peft_bayes.models import disable_bnb_cpu_repacking  # noqa: E402
 
 STEM = "sampled_lora"
@@ -126,6 +127,7 @@ class Config:
     layer: str  # "base", "lora" (PEFT), "bayes" (BayesLoRA) or "nf4_triton" (the NF4 base through our kernel)
     kernel: str | None = None  # PEFT_BAYES_KERNEL while it runs
     sample: bool | None = None  # BayesLoRA: fresh draws (True) or the posterior mean (False)
+    tiles: Tiles | None = None  # the fused kernels' tile sizes (None: their defaults)
 
 
 CONFIGS = {
@@ -187,6 +189,30 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+TILES_HELP = (
+    "extra fused_bayeslora rows with other tile sizes, e.g. 32x64,64x128w8 (BLOCK_TxBLOCK_K[wWARPS]); each row is "
+    "named fused_bayeslora@TILES and the markdown adds the best per case"
+)
+
+
+def _tiles(text: str) -> list[Tiles]:
+    try:
+        return [Tiles.parse(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def configs_of(args: argparse.Namespace) -> list[Config]:
+    """``--configs`` in order, each ``--tiles`` variant right after ``fused_bayeslora``'s place."""
+    out = []
+    for name in CONFIGS:
+        if name in args.configs:
+            out.append(CONFIGS[name])
+        if name == "fused_bayeslora":
+            out += [Config(f"{name}@{t}", "bayes", kernel="triton", sample=True, tiles=t) for t in args.tiles]
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", type=_shapes, default=_shapes("4096x4096,4096x14336,14336x4096"), help="d_inxd_out")
@@ -195,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="x, base / compute and adapter dtype")
     p.add_argument("--bases", type=_names(BASES), default=list(BASES), help="fp (nn.Linear), nf4 (bnb Linear4bit)")
     p.add_argument("--configs", type=_names(tuple(CONFIGS)), default=list(CONFIGS), help="subset of the configs")
+    p.add_argument("--tiles", type=_tiles, default=[], help=TILES_HELP)
     p.add_argument("--reps", type=int, default=10, help="CPU: timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="CPU: untimed runs first")
     p.add_argument("--rep_ms", type=float, default=100, help="CUDA: do_bench's timed budget per measurement")
@@ -272,16 +299,17 @@ def make_adapter(base: nn.Module, case: Case, bayes: bool, dtype: torch.dtype, s
 
 @contextmanager
 def config_mode(config: Config, layer: nn.Module) -> Iterator[None]:
-    """``PEFT_BAYES_KERNEL`` and the BayesLoRA sampling mode of ``config`` for the duration of the block."""
+    """``PEFT_BAYES_KERNEL``, the BayesLoRA sampling mode and the tile sizes of ``config`` for the block."""
     before = os.environ.get(sampled_lora.KERNEL_ENV)
     if config.kernel is not None:
         os.environ[sampled_lora.KERNEL_ENV] = config.kernel
     try:
-        if config.sample is None:
+        with ExitStack() as stack:
+            if config.sample is not None:
+                stack.enter_context(sampling(layer, config.sample))
+            if config.tiles is not None:
+                stack.enter_context(tile_sizes(config.tiles))
             yield
-        else:
-            with sampling(layer, config.sample):
-                yield
     finally:
         if before is None:
             os.environ.pop(sampled_lora.KERNEL_ENV, None)
@@ -382,11 +410,11 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype, device = DTYPES[args.dtype], args.device
     base = make_base(case, dtype, device, args.seed)
     # The Triton NF4 product replaces bitsandbytes' base: it only exists on the nf4 base.
-    names = [n for n in args.configs if case.base == "nf4" or CONFIGS[n].layer != "nf4_triton"]
+    configs = [c for c in configs_of(args) if case.base == "nf4" or c.layer != "nf4_triton"]
     layers: dict[str, nn.Module] = {"base": base, "nf4_triton": TritonNf4Base(base)}
-    if "peft_lora" in names:
+    if any(c.layer == "lora" for c in configs):
         layers["lora"] = make_adapter(base, case, bayes=False, dtype=dtype, seed=args.seed)
-    if any(CONFIGS[n].layer == "bayes" for n in names):
+    if any(c.layer == "bayes" for c in configs):
         layers["bayes"] = make_adapter(base, case, bayes=True, dtype=dtype, seed=args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + 2)
     x = torch.randn(case.tokens, case.d_in, generator=gen, device=device, dtype=dtype).requires_grad_(True)
@@ -396,8 +424,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
         with torch.no_grad():
             lora_out = layers["lora"](x).float()
     rows = []
-    for name in names:
-        config = CONFIGS[name]
+    for config in configs:
+        name = config.name
         layer = layers[config.layer]
         with config_mode(config, layer):
             row = {"base": case.base, "shape": f"{case.d_in}x{case.d_out}", "d_in": case.d_in, "d_out": case.d_out}
@@ -441,7 +469,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             extra = None if lora is None or row["peak_mib"] is None else row["peak_mib"] - lora["peak_mib"]
             row["extra_peak_vs_peft_lora_mib"] = extra
             row["fwdbwd_vs_reference"] = row["adapter_vs_reference"] = None
-            if name == "fused_bayeslora" and ref is not None:
+            if name.startswith("fused_bayeslora") and ref is not None:
                 row["fwdbwd_vs_reference"] = _ratio(row["fwdbwd_ms"], ref)
                 if base is not None:
                     row["adapter_vs_reference"] = _ratio(row["fwdbwd_ms"] - base, ref - base)
@@ -475,10 +503,49 @@ def summarize(rows: list[dict[str, Any]], bases: list[str]) -> dict[str, dict[st
     return out
 
 
+def best_tiles(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case with ``--tiles`` rows: the fastest fused BayesLoRA tiles (fwd+bwd median) against the default."""
+    cases: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["config"].startswith("fused_bayeslora@"):
+            cases.setdefault((row["base"], row["shape"], row["tokens"], row["rank"]), [])
+    for row in rows:
+        key = (row["base"], row["shape"], row["tokens"], row["rank"])
+        if key in cases and row["config"].startswith("fused_bayeslora"):
+            cases[key].append(row)
+    out = []
+    for (base, shape, tokens, rank), candidates in cases.items():
+        best = min(candidates, key=lambda r: r["fwdbwd_ms"])
+        default = next((r for r in candidates if r["config"] == "fused_bayeslora"), None)
+        entry = {"base": base, "shape": shape, "tokens": tokens, "rank": rank}
+        entry["tiles"] = best["config"].partition("@")[2] or "default"
+        entry.update(best_ms=best["fwdbwd_ms"], default_ms=default and default["fwdbwd_ms"])
+        entry["best_vs_default"] = _ratio(best["fwdbwd_ms"], entry["default_ms"])
+        entry["best_vs_peft_lora"] = best["fwdbwd_vs_peft_lora"]
+        out.append(entry)
+    return out
+
+
+def _tiles_table(best: list[dict[str, Any]]) -> list[str]:
+    if not best:
+        return []
+    lines = [
+        "\n## Best tiles of the fused BayesLoRA layer (fwd+bwd; BLOCK_TxBLOCK_K[wWARPS]; default: the kernels' own)\n",
+        "| base | shape | tokens | rank | best tiles | best ms | default ms | best / default | best / peft_lora |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for b in best:
+        cells = [b["base"], b["shape"], b["tokens"], b["rank"], b["tiles"], _fmt(b["best_ms"]), _fmt(b["default_ms"])]
+        cells += [_fmt(b["best_vs_default"]), _fmt(b["best_vs_peft_lora"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device.type == "cuda"
     settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     settings["shapes"] = [f"{a}x{b}" for a, b in args.shapes]
+    settings["tiles"] = [str(t) for t in args.tiles]
     return {
         "settings": settings,
         "torch": torch.__version__,
@@ -536,7 +603,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict, env: dict[str, Any]) -> 
         cells += [_fmt(r[k]) for k in ("fwdbwd_vs_reference", "adapter_vs_reference")]
         cells += [_fmt(r["peak_mib"], 1), _fmt(r["extra_peak_vs_peft_lora_mib"], 1)]
         table.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(head + table) + "\n"
+    return "\n".join(head + table + _tiles_table(best_tiles(rows))) + "\n"
 
 
 def _json_safe(value: Any) -> Any:
@@ -560,7 +627,7 @@ def write_outputs(out_dir: Path, rows: list[dict], summary: dict, env: dict) -> 
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out_dir / f"{STEM}.csv", buf.getvalue())
-    payload = _json_safe({**env, "summary": summary, "rows": rows})
+    payload = _json_safe({**env, "summary": summary, "best_tiles": best_tiles(rows), "rows": rows})
     write_text_atomic(out_dir / f"{STEM}.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     md_path = out_dir / f"{STEM}.md"
     write_text_atomic(md_path, markdown(rows, summary, env))

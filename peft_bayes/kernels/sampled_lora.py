@@ -28,8 +28,10 @@ triton.
 
 from __future__ import annotations
 
+import contextvars
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -319,13 +321,67 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # pragma: no cover - older triton
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of the fused kernels' token x feature tiles and their warps; None keeps the default."""
+
+    block_t: int | None = None  # tokens per tile
+    block_k: int | None = None  # input features (d_in) per tile
+    num_warps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_t", "block_k"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"Tiles: {name}={value} must be a power of two >= 16 (tl.dot's smallest tile)")
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"Tiles: num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+
+    @classmethod
+    def parse(cls, text: str) -> Tiles:
+        """``"64x128"`` (BLOCK_T x BLOCK_K) or ``"64x128w8"`` (and 8 warps)."""
+        blocks, _, warps = text.strip().lower().partition("w")
+        try:
+            block_t, block_k = (int(v) for v in blocks.split("x"))
+            num_warps = int(warps) if warps else None
+        except ValueError:
+            raise ValueError(f"tiles {text!r}: expected BLOCK_TxBLOCK_K[wWARPS], e.g. 64x128w8") from None
+        return cls(block_t, block_k, num_warps)
+
+    def __str__(self) -> str:
+        return f"{self.block_t or 'auto'}x{self.block_k or 'auto'}" + (f"w{self.num_warps}" if self.num_warps else "")
+
+
+_TILES: contextvars.ContextVar[Tiles | None] = contextvars.ContextVar("sampled_lora_tiles", default=None)
+
+
+@contextmanager
+def tile_sizes(tiles: Tiles) -> Iterator[Tiles]:
+    """The fused kernels use ``tiles`` inside the block (for tuning benchmarks; any tiles give the same result up
+    to summation order). BLOCK_R is always the rank padded to a power of two."""
+    token = _TILES.set(tiles)
+    try:
+        yield tiles
+    finally:
+        _TILES.reset(token)
+
+
 def _blocks(t: int, k: int, r: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_K, BLOCK_R): R padded to a power of two (>= 16, tl.dot's minimum), smaller tiles for big R
-    so the fp32 accumulators stay in registers."""
+    so the fp32 accumulators stay in registers; ``tile_sizes`` overrides the first two."""
     block_r = max(16, triton.next_power_of_2(r))
     block_t = min(64 if block_r <= 32 else 32, max(16, triton.next_power_of_2(t)))
     block_k = min(64 if block_r <= 64 else 32, max(16, triton.next_power_of_2(k)))
+    tiles = _TILES.get()
+    if tiles is not None:
+        block_t, block_k = tiles.block_t or block_t, tiles.block_k or block_k
     return block_t, block_k, block_r
+
+
+def _launch_options() -> dict:
+    """``num_warps`` of the token x feature kernels when ``tile_sizes`` sets it (else Triton's default)."""
+    tiles = _TILES.get()
+    return {} if tiles is None or tiles.num_warps is None else {"num_warps": tiles.num_warps}
 
 
 def philox_noise(
@@ -371,17 +427,22 @@ def _signed_rows(dh: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
+def _kernel_flags(x: torch.Tensor, t: int, k: int, r: int, noise: bool, flipout: bool) -> dict:
+    """The constexprs and launch options shared by the token x feature kernels."""
+    bt, bk, br = _blocks(t, k, r)
+    flags = {"NOISE": noise, "FLIPOUT": flipout, "DOT_F32": x.dtype == torch.float32 or _interpreting()}
+    return {**flags, "BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, **_launch_options()}
+
+
 def _down_forward(x, m, w, seed: int, noise: bool, flipout: bool, n_split: int | None = None) -> torch.Tensor:
     """h = x M^T (+ flipout noise with w = sigma * E): (T, R) float32. ``n_split``: split-K factor (default: by
     device)."""
     (t, k), r = x.shape, m.shape[0]
-    bt, bk, br = _blocks(t, k, r)
+    flags = _kernel_flags(x, t, k, r, noise, flipout)
+    bt, bk = flags["BLOCK_T"], flags["BLOCK_K"]
     n_split = n_split or _k_splits(x, triton.cdiv(t, bt), triton.cdiv(k, bk))
     h = torch.empty(n_split, t, r, device=x.device, dtype=torch.float32)
-    dot_f32 = x.dtype == torch.float32 or _interpreting()
-    _down_fwd_kernel[(triton.cdiv(t, bt), n_split)](
-        x, m, w, h, t, k, r, seed, NOISE=noise, FLIPOUT=flipout, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br
-    )
+    _down_fwd_kernel[(triton.cdiv(t, bt), n_split)](x, m, w, h, t, k, r, seed, **flags)
     return h[0] if n_split == 1 else h.sum(0)
 
 
@@ -389,9 +450,8 @@ def _down_backward(x, m, w, e, dh, seed: int, noise: bool, flipout: bool, need_d
     """(dx, dM, dS) of h = x M^T + noise path (w = sigma * E, E float32), given dh (T, R) float32; dM and dS in
     float32."""
     (t, k), r = x.shape, m.shape[0]
-    bt, bk, br = _blocks(t, k, r)
-    flags = {"NOISE": noise, "FLIPOUT": flipout, "DOT_F32": x.dtype == torch.float32 or _interpreting()}
-    flags.update(BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br)
+    flags = _kernel_flags(x, t, k, r, noise, flipout)
+    bt, bk = flags["BLOCK_T"], flags["BLOCK_K"]
     dhs = _signed_rows(dh, seed) if noise and flipout else dh  # the noise path's dh, signed once for both kernels
     dx = None
     if need_dx:

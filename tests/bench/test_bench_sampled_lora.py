@@ -64,7 +64,7 @@ def check_ratios(rows: list[dict]) -> None:
         assert _same(float(row["adapter_ms"]), t - base), row
         extra = float(row["peak_mib"]) - float(case["peft_lora"]["peak_mib"])
         assert _same(float(row["extra_peak_vs_peft_lora_mib"]), extra), row
-        if row["config"] == "fused_bayeslora":
+        if row["config"].startswith("fused_bayeslora"):  # its --tiles variants too
             assert _same(float(row["fwdbwd_vs_reference"]), t / ref), row
             expected = (t - base) / (ref - base) if ref > base else math.nan
             assert _same(_num(row["adapter_vs_reference"]), expected), row
@@ -142,3 +142,30 @@ def test_fused_sampling_keeps_no_per_token_tensor_beyond_peft_lora(tmp_path):
     one_tensor = tokens * width * 4  # float32
     assert extra["reference_bayeslora"] >= one_tensor, extra
     assert extra["fused_bayeslora"] < one_tensor / 2, extra
+
+
+def test_tiles_add_rows_and_the_best_per_case(tmp_path):
+    flags = ["--bases", "fp", "--shapes", "96x64", "--tokens", "40", "--ranks", "8", "--tiles", "16x16w2,32x64"]
+    run_bench(tmp_path, *flags)
+    with open(tmp_path / "sampled_lora.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [r["config"] for r in rows]
+    at = names.index("fused_bayeslora")
+    assert names[at : at + 3] == ["fused_bayeslora", "fused_bayeslora@16x16w2", "fused_bayeslora@32x64"], names
+    assert all(r["kernel"] == "triton" for r in rows[at : at + 3])
+    check_ratios(rows)
+    data = _strict_json(tmp_path / "sampled_lora.json")
+    assert data["settings"]["tiles"] == ["16x16w2", "32x64"]
+    (best,) = data["best_tiles"]
+    times = {r["config"].partition("@")[2] or "default": float(r["fwdbwd_ms"]) for r in rows[at : at + 3]}
+    assert best["tiles"] == min(times, key=times.get) and _same(best["best_ms"], min(times.values()))
+    assert _same(best["best_vs_default"], best["best_ms"] / times["default"])
+    assert "## Best tiles of the fused BayesLoRA layer" in (tmp_path / "sampled_lora.md").read_text()
+
+
+def test_tiles_that_triton_cannot_run_are_refused(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(SCRIPT), *TINY, "--tiles", "64x100", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "block_k=100 must be a power of two" in proc.stderr, proc.stderr[-500:]
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_targets  # noqa: E402
 
-STEPS = ["install", "env", "kernels", "sampled_lora", "smoke", "kfac", "step", "targets"]
+STEPS = ["install", "env", "kernels", "sampled_lora", "smoke", "kfac", "step", "targets"]  # the default run
 
 
 def _run(*args, timeout=60):
@@ -55,6 +55,17 @@ def test_dry_run_passes_every_step_and_returns_its_results(tmp_path):
     assert not any(n.startswith("site") for n in names)  # installed wheels are not results
     assert "(CPU: not a measurement)" in summary and "| met |" not in summary
     assert "K-FAC pass (fused statistics, dense factors) vs gradient pass, tiny LLaMA 64x2x4" in summary
+
+
+def test_dry_run_of_the_tune_step_alone(tmp_path):
+    # Not in the default run (a call of its own on the device): --only tune runs it and nothing else.
+    proc = _run("--dry-run", "--only", "tune", "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| tune | passed |" in summary and "| kernels |" not in summary
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
+        data = json.load(tar.extractfile("./results/tune/sampled_lora.json"))
+    assert data["settings"]["tiles"] == ["16x16w2", "32x32"] and len(data["best_tiles"]) == 1
 
 
 @pytest.mark.parametrize(

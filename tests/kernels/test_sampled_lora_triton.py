@@ -139,6 +139,26 @@ def test_split_k_forward_equals_one_pass(flipout):
     assert (one.double() - want).abs().max() <= RTOL[torch.float32] * want.abs().max()
 
 
+@pytest.mark.parametrize("tiles", ["16x16w2", "32x128", "64x32w8"])
+def test_tile_sizes_give_the_same_layer(tiles):
+    """Any tiles a tuning run picks compute the same layer and draws: BLOCK_K 16 (signs entry by entry), 32 (one
+    word per tile row) and 128 (four), warps included, against the float64 reference with the kernels' draws."""
+    shape = (37, 130, 40, 8)
+    args = _inputs(*shape, torch.float32, seed=3)
+    with sl.tile_sizes(sl.Tiles.parse(tiles)):
+        assert sl._blocks(37, 130, 8)[:2] == (int(tiles.split("x")[0]), int(tiles.split("x")[1].split("w")[0]))
+        got = _run("triton", *args, "square", True, True, seed=5)
+    want = _run("reference", *[v.double() for v in args], "square", True, True, seed=5)
+    _check_close(got, want, torch.float32, f"tiles {tiles}")
+    assert sl._TILES.get() is None  # restored on exit
+
+
+def test_tiles_reject_what_triton_cannot_run():
+    for bad, why in [("64x100", "power of two"), ("8x64", "power of two"), ("64x64w3", "num_warps"), ("64", "e.g.")]:
+        with pytest.raises(ValueError, match=why):
+            sl.Tiles.parse(bad)
+
+
 def test_check_detects_a_different_draw():
     """The comparison can fail: another seed, or the reference without flipout signs, is far outside it."""
     args = _inputs(37, 65, 40, 16, torch.float32, seed=1)
