@@ -133,7 +133,7 @@ def sampled_lora_delta(
 #   E[r, k]      = randn(seed,     r * K + k)
 #   r_in[t, k]   = bit (k mod 32) of randint(seed + 1, t * KW + k // 32), KW = ceil(K / 32): one Philox draw gives
 #                  32 signs, so the tokens x d_in signs cost T * K / 32 draws per pass instead of T * K
-#   r_out[t, r]  = sign of randint(seed + 2, t * R + r)
+#   r_out[t, r]  = bit (r mod 32) of randint(seed + 2, t * RW + r // 32), RW = ceil(R / 32): the same layout
 # Offsets are int64 (Philox takes both 32-bit halves), so any T * K works.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -144,26 +144,25 @@ MAX_RANK = 128
 if triton is not None:
 
     @triton.jit
-    def _rademacher(seed, offsets):
-        # The low bit of one Philox draw per entry: +1 or -1 in float32.
-        return 1.0 - 2.0 * (tl.randint(seed, offsets) & 1).to(tl.float32)
-
-    @triton.jit
     def _bit_signs(seed, t, k, KW):
-        # r_in for tokens t (int64, any shape broadcasting with k) and columns k: bit k % 32 of word (t, k // 32),
-        # computed entry by entry (a Philox draw each): the layout's definition, used where a tile has < 32 columns.
+        # Signs of a (tokens, columns) matrix at tokens t (int64, any shape broadcasting with k) and columns k: bit
+        # k % 32 of word (t, k // 32), KW words per token, computed entry by entry (a Philox draw each): the layout's
+        # definition, for the kernels that write or use single entries.
         words = tl.randint(seed, t * KW + k // 32)
         return 1.0 - 2.0 * ((words >> (k % 32).to(tl.uint32)) & 1).to(tl.float32)
 
     @triton.jit
-    def _signs_in(seed, t, k0, KW, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        # r_in for tokens t (int64, BLOCK_T) and columns k0 .. k0 + BLOCK_K - 1, k0 a multiple of BLOCK_K: one Philox
-        # draw per 32 columns, its bits spread over them (a (T, K/32, 32) tile reshaped to (T, K), row-major).
+    def _tile_signs(seed, t, k0, KW, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The same signs for a tile: tokens t (int64, BLOCK_T), columns k0 .. k0 + BLOCK_K - 1, k0 a multiple of
+        # BLOCK_K. One Philox draw per token and 32 columns, its bits spread over them: a (T, K/32, 32) tile reshaped
+        # to (T, K), row-major; a tile of 16 columns lies inside one word, whose bits are shifted into place.
         if BLOCK_K >= 32:
             words = tl.randint(seed, t[:, None] * KW + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :])
             bits = (words[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
             return 1.0 - 2.0 * tl.reshape(bits, (BLOCK_T, BLOCK_K)).to(tl.float32)
-        return _bit_signs(seed, t[:, None], k0 + tl.arange(0, BLOCK_K).to(tl.int64)[None, :], KW)
+        words = tl.randint(seed, t * KW + k0 // 32)
+        shifts = (k0 % 32 + tl.arange(0, BLOCK_K)).to(tl.uint32)
+        return 1.0 - 2.0 * ((words[:, None] >> shifts[None, :]) & 1).to(tl.float32)
 
     @triton.jit
     def _mm(a, b, DOT_F32: tl.constexpr):
@@ -182,7 +181,7 @@ if triton is not None:
         tl.store(e_ptr + i, tl.randn(seed, i), mask=i < R * K)
         if FLIPOUT:
             tl.store(sin_ptr + i, _bit_signs(seed + 1, i // K, i % K, tl.cdiv(K, 32)), mask=i < T * K)
-            tl.store(sout_ptr + i, _rademacher(seed + 2, i), mask=i < T * R)
+            tl.store(sout_ptr + i, _bit_signs(seed + 2, i // R, i % R, tl.cdiv(R, 32)), mask=i < T * R)
 
     @triton.jit
     def _scaled_noise_kernel(s_ptr, w_ptr, e_ptr, N, seed, BLOCK: tl.constexpr):
@@ -195,12 +194,12 @@ if triton is not None:
         tl.store(w_ptr + i, (s * e).to(w_ptr.dtype.element_ty), mask=i < N)
 
     @triton.jit
-    def _signed_rows_kernel(dh_ptr, out_ptr, N, seed, BLOCK: tl.constexpr):
-        # out = dh * r_out over the N = T * R entries of dh (flat index t * R + r is r_out's offset): the noise path's
-        # gradient, signed once for both backward kernels.
+    def _signed_rows_kernel(dh_ptr, out_ptr, T, R, seed, BLOCK: tl.constexpr):
+        # out = dh * r_out over the T * R entries of dh (flat index t * R + r): the noise path's gradient, signed once
+        # for both backward kernels.
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        dh = tl.load(dh_ptr + i, mask=i < N, other=0.0)
-        tl.store(out_ptr + i, dh * _rademacher(seed, i), mask=i < N)
+        dh = tl.load(dh_ptr + i, mask=i < T * R, other=0.0)
+        tl.store(out_ptr + i, dh * _bit_signs(seed, i // R, i % R, tl.cdiv(R, 32)), mask=i < T * R)
 
     @triton.jit
     def _down_fwd_kernel(
@@ -232,11 +231,11 @@ if triton is not None:
             if NOISE:
                 w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0).to(x.dtype)  # (R, K) sample of sigma * E
                 if FLIPOUT:
-                    x = x * _signs_in(seed + 1, t, k0, kw, BLOCK_T, BLOCK_K).to(x.dtype)
+                    x = x * _tile_signs(seed + 1, t, k0, kw, BLOCK_T, BLOCK_K).to(x.dtype)
                 acc_noise += _mm(x, tl.trans(w), DOT_F32)
         if NOISE:
             if FLIPOUT:
-                acc_noise = acc_noise * _rademacher(seed + 2, t[:, None] * R + r[None, :])
+                acc_noise = acc_noise * _tile_signs(seed + 2, t, 0, tl.cdiv(R, 32), BLOCK_T, BLOCK_R)
             acc += acc_noise
         h_off = split.to(tl.int64) * T * R + t[:, None] * R + r[None, :]
         tl.store(h_ptr + h_off, acc, mask=t_ok[:, None] & r_ok[None, :])
@@ -268,7 +267,7 @@ if triton is not None:
             dhs = tl.load(dhs_ptr + h_off, mask=h_ok, other=0.0)
             dn = _mm(dhs.to(m.dtype), w, DOT_F32)
             if FLIPOUT:
-                dn = dn * _signs_in(seed + 1, t, k0, tl.cdiv(K, 32), BLOCK_T, BLOCK_K)
+                dn = dn * _tile_signs(seed + 1, t, k0, tl.cdiv(K, 32), BLOCK_T, BLOCK_K)
             dx += dn
         tl.store(
             dx_ptr + t[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & k_ok[None, :]
@@ -302,7 +301,7 @@ if triton is not None:
             if NOISE:
                 dhs = tl.load(dhs_ptr + h_off, mask=h_ok, other=0.0)
                 if FLIPOUT:
-                    x = x * _signs_in(seed + 1, t, pid_k * BLOCK_K, kw, BLOCK_T, BLOCK_K).to(x.dtype)
+                    x = x * _tile_signs(seed + 1, t, pid_k * BLOCK_K, kw, BLOCK_T, BLOCK_K).to(x.dtype)
                 acc_s += _mm(tl.trans(dhs.to(x.dtype)), x, DOT_F32)
         w_off = r[:, None] * K + k[None, :]
         w_ok = r_ok[:, None] & k_ok[None, :]
@@ -397,7 +396,7 @@ def philox_noise(
     eps = torch.empty(rows, cols, device=device)
     sign_in = torch.empty(tokens, cols, device=device) if flipout else eps
     sign_out = torch.empty(tokens, rows, device=device) if flipout else eps
-    n = max(rows * cols, tokens * cols if flipout else 0)
+    n = max(rows * cols, tokens * max(cols, rows) if flipout else 0)  # one program covers all three arrays
     _noise_kernel[(triton.cdiv(n, 1024),)](
         eps, sign_in, sign_out, tokens, cols, rows, seed, FLIPOUT=flipout, BLOCK=1024
     )
@@ -423,7 +422,7 @@ def _scaled_noise(s: torch.Tensor, seed: int, dtype: torch.dtype) -> tuple[torch
 def _signed_rows(dh: torch.Tensor, seed: int) -> torch.Tensor:
     """dh * r_out for the draw of ``seed`` (r_out's own seed is ``seed + 2``): (T, R) float32."""
     out = torch.empty_like(dh)
-    _signed_rows_kernel[(triton.cdiv(dh.numel(), 1024),)](dh, out, dh.numel(), seed + 2, BLOCK=1024)
+    _signed_rows_kernel[(triton.cdiv(dh.numel(), 1024),)](dh, out, dh.shape[0], dh.shape[1], seed + 2, BLOCK=1024)
     return out
 
 

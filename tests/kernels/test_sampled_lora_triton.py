@@ -198,9 +198,9 @@ def test_noise_statistics_over_seeds():
 
 
 def test_packed_signs_are_balanced_and_uncorrelated():
-    """r_in takes 32 signs from the bits of one Philox draw: they must still look like independent fair coins, within
-    a word (neighbouring columns), across words (columns 32 apart: the same bit of the next draw), across tokens and
-    across seeds."""
+    """r_in and r_out take 32 signs from the bits of one Philox draw: they must still look like independent fair
+    coins, within a word (neighbouring columns), across words (columns 32 apart: the same bit of the next draw),
+    across tokens and across seeds."""
     tokens, cols = 300, 96  # three words per token
     s = sl.philox_noise(3, tokens, (2, cols), device=DEVICE).sign_in.cpu().double()
     other = sl.philox_noise(4, tokens, (2, cols), device=DEVICE).sign_in.cpu().double()
@@ -216,6 +216,14 @@ def test_packed_signs_are_balanced_and_uncorrelated():
         assert abs(prod.mean().item()) < 6 / prod.numel() ** 0.5, what
     bits = (s > 0).reshape(tokens, 3, 32).double().mean((0, 1))  # every bit position is a fair coin
     assert ((bits - 0.5).abs() < 6 * (0.25 / (tokens * 3)) ** 0.5).all(), bits
+    # r_out (tokens x rank) has the same layout: 70 ranks span three words per token.
+    out = sl.philox_noise(3, tokens, (70, 8), device=DEVICE).sign_out.cpu().double()
+    for what, prod in {
+        "r_out": out,
+        "neighbouring ranks": out[:, :-1] * out[:, 1:],
+        "tokens": out[:-1] * out[1:],
+    }.items():
+        assert abs(prod.mean().item()) < 6 / prod.numel() ** 0.5, what
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
