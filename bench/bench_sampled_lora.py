@@ -644,12 +644,12 @@ def main(argv: list[str] | None = None) -> int:
         for rank in args.ranks
     ]
     rows = []
+    env = environment(args)
     for i, case in enumerate(cases):
         print(f"[{i + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)
         rows += run_case(case, args)
-    add_ratios(rows)
-    summary = summarize(rows, args.bases)
-    md_path = write_outputs(args.output_dir, rows, summary, environment(args))
+        add_ratios(rows)  # the outputs so far, after every case: a run stopped by a time limit keeps what it measured
+        md_path = write_outputs(args.output_dir, rows, summarize(rows, args.bases), env)
     print(md_path.read_text(), end="")
     print(f"wrote {md_path.with_suffix('.csv')}, {md_path.with_suffix('.json')}, {md_path}", file=sys.stderr)
     return 0

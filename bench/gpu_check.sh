@@ -5,17 +5,18 @@
 #   bash bench/gpu_check.sh                    # on the GPU machine (about 8 minutes on an H200)
 #   bash bench/gpu_check.sh --dry-run          # the same steps on CPU at tiny shapes (Triton's interpreter), ~3 min
 #   bash bench/gpu_check.sh --only kernels,smoke --out DIR
-#   bash bench/gpu_check.sh --only tune        # the fused layer's tile sizes at the target shape (~3 min on a GPU)
+#   bash bench/gpu_check.sh --only tune        # the fused layer's tile sizes at the target shape
 #
 # Steps (--only picks some; they run in this order): install (every wheel in --wheels, default .whl/, into a private
 # site folder first on PYTHONPATH; `pip download` them into the checkout: see bench/README.md), env (GPU, driver,
 # python / torch / triton / transformers / peft / bitsandbytes versions), kernels (tests/kernels, compiled),
 # sampled_lora (bench_sampled_lora.py at 4096x4096, 512 and 4096 tokens, ranks 8-128, bf16, fp and NF4 bases), smoke
 # (tests/test_cuda_smoke.py), kfac (bench_kfac.py's curvature pass against a gradient pass on a 2048-wide tiny LLaMA,
-# bf16), step (bench_bayeslora_step.py --preset 1b --base fp,nf4 --dtype bfloat16), tune (only when --only names it:
-# bench_sampled_lora.py --tiles, the fused layer at 4096x4096 with several tile sizes, into tune/), targets
-# (bench/gpu_targets.py: met / missed). Each step has its own time limit; a failing step is recorded and the rest
-# still run; --deadline S shortens the limits so that everything ends within S seconds. Results (logs, the
+# bf16), step (bench_bayeslora_step.py --preset 1b --base fp,nf4 --dtype bfloat16), targets (bench/gpu_targets.py:
+# met / missed); tune, only when --only names it, runs right after sampled_lora (bench_sampled_lora.py --tiles: the
+# fused layer at 4096x4096 and 4096 tokens with several tile sizes, into tune/). Each step has its own time limit;
+# a failing step is recorded and the rest still run; --deadline S shortens the limits so that everything ends within
+# S seconds. Results (logs, the
 # benchmarks' JSON / markdown, env.json, targets.md, steps.tsv) are packed into OUT/gpu_check.tar.gz after every
 # step, so a run cut short still returns what it finished, and OUT/summary.md holds the step table and the targets.
 # OUT is --out, else $OUT (the device tool's output folder), else bench/results/gpu_check. Exit status: 0 when every
@@ -28,11 +29,11 @@ DRY=0
 ONLY=""
 DEST="${OUT:-$ROOT/bench/results/gpu_check}"
 WHEELS="$ROOT/.whl"
-ALL_STEPS="install env kernels sampled_lora smoke kfac step tune targets"
+ALL_STEPS="install env kernels sampled_lora tune smoke kfac step targets"
 DEFAULT_STEPS="install env kernels sampled_lora smoke kfac step targets"  # tune: a call of its own
 DEADLINE=0
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
@@ -166,16 +167,16 @@ if [ "$DRY" = 1 ]; then
     KFAC=(--device cpu --n 8 --batch_size 4 --repeats 1 --kernels reference,triton --sections pass)
     TUNE=(--device cpu --shapes 48x40 --tokens 16 --ranks 4 --dtype float32 --reps 1 --warmup 0 --bases fp
           --configs peft_lora,fused_bayeslora --tiles 16x16w2,32x32)
-    LIMITS=(60 60 300 300 600 300 300 300 60)  # install env kernels sampled_lora smoke kfac step tune targets
+    LIMITS=(60 60 300 300 300 600 300 300 60)  # install env kernels sampled_lora tune smoke kfac step targets
 else
     KERNEL_TESTS=(tests/kernels)
     SMOKE_TESTS=(tests/test_cuda_smoke.py)
     SAMPLED=(--shapes 4096x4096 --tokens 512,4096 --ranks 8,16,64,128 --bases fp,nf4 --dtype bfloat16)
     STEP=(--preset 1b --base fp,nf4 --dtype bfloat16 --steps 5 --repeats 2 --warmup 2)
     KFAC=(--device cuda --dtype bfloat16 --tiny_size 2048x4x16 --n 32 --batch_size 8 --sections pass)
-    TUNE=(--shapes 4096x4096 --tokens 512,4096 --ranks 8,64,128 --bases fp --dtype bfloat16
+    TUNE=(--shapes 4096x4096 --tokens 4096 --ranks 8,64,128 --bases fp --dtype bfloat16
           --configs peft_lora,reference_bayeslora,fused_bayeslora --tiles 32x64,32x128,64x64w8,64x128,128x64w8,128x128w8)
-    LIMITS=(60 90 150 200 120 120 180 240 30)  # first H200 run: kernels 104 s (-n 8), sampled_lora ~130 s cold
+    LIMITS=(60 90 150 200 150 120 120 180 30)  # first H200 run: kernels 104 s (-n 8), sampled_lora ~130 s cold
 fi
 
 export -f install_wheels env_report
@@ -185,10 +186,10 @@ if [ -d "$WORK/site" ]; then export PYTHONPATH="$WORK/site:$PYTHONPATH"; fi
 run_step env "${LIMITS[1]}" bash -c env_report
 run_step kernels "${LIMITS[2]}" "$PY" -m pytest -q -p no:cacheprovider -rs "${XDIST[@]}" "${KERNEL_TESTS[@]}"
 run_step sampled_lora "${LIMITS[3]}" "$PY" bench/bench_sampled_lora.py "${SAMPLED[@]}" --output_dir "$RES"
-run_step smoke "${LIMITS[4]}" "$PY" -m pytest -q -p no:cacheprovider -rs "${SMOKE_TESTS[@]}"
-run_step kfac "${LIMITS[5]}" "$PY" bench/bench_kfac.py "${KFAC[@]}" --output_dir "$RES"
-run_step step "${LIMITS[6]}" "$PY" bench/bench_bayeslora_step.py "${STEP[@]}" --output_dir "$RES"
-run_step tune "${LIMITS[7]}" "$PY" bench/bench_sampled_lora.py "${TUNE[@]}" --output_dir "$RES/tune"
+run_step tune "${LIMITS[4]}" "$PY" bench/bench_sampled_lora.py "${TUNE[@]}" --output_dir "$RES/tune"
+run_step smoke "${LIMITS[5]}" "$PY" -m pytest -q -p no:cacheprovider -rs "${SMOKE_TESTS[@]}"
+run_step kfac "${LIMITS[6]}" "$PY" bench/bench_kfac.py "${KFAC[@]}" --output_dir "$RES"
+run_step step "${LIMITS[7]}" "$PY" bench/bench_bayeslora_step.py "${STEP[@]}" --output_dir "$RES"
 run_step targets "${LIMITS[8]}" "$PY" bench/gpu_targets.py "$RES" --output "$WORK/targets.md"
 pack
 cat "$DEST/summary.md"
