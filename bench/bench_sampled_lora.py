@@ -466,7 +466,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row["fwdbwd_vs_peft_lora"] = _ratio(row["fwdbwd_ms"], lora and lora["fwdbwd_ms"])
             row["fwdbwd_vs_base"] = _ratio(row["fwdbwd_ms"], base)
             row["adapter_ms"] = None if base is None else row["fwdbwd_ms"] - base
-            extra = None if lora is None or row["peak_mib"] is None else row["peak_mib"] - lora["peak_mib"]
+            extra = None if lora is None else row["peak_mib"] - lora["peak_mib"]
             row["extra_peak_vs_peft_lora_mib"] = extra
             row["fwdbwd_vs_reference"] = row["adapter_vs_reference"] = None
             if name.startswith("fused_bayeslora") and ref is not None:
@@ -507,14 +507,12 @@ def best_tiles(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per case with ``--tiles`` rows: the fastest fused BayesLoRA tiles (fwd+bwd median) against the default."""
     cases: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row["config"].startswith("fused_bayeslora@"):
-            cases.setdefault((row["base"], row["shape"], row["tokens"], row["rank"]), [])
-    for row in rows:
-        key = (row["base"], row["shape"], row["tokens"], row["rank"])
-        if key in cases and row["config"].startswith("fused_bayeslora"):
-            cases[key].append(row)
+        if row["config"].startswith("fused_bayeslora"):
+            cases.setdefault((row["base"], row["shape"], row["tokens"], row["rank"]), []).append(row)
     out = []
     for (base, shape, tokens, rank), candidates in cases.items():
+        if all(r["config"] == "fused_bayeslora" for r in candidates):
+            continue  # no --tiles row in this case
         best = min(candidates, key=lambda r: r["fwdbwd_ms"])
         default = next((r for r in candidates if r["config"] == "fused_bayeslora"), None)
         entry = {"base": base, "shape": shape, "tokens": tokens, "rank": rank}
@@ -573,7 +571,7 @@ CPU_NOTE = f"{LIVE}. CPU: the fused kernels run in Triton's interpreter, so time
 CUDA_NOTE = "CUDA allocator peak during one fwd+bwd above the level before it."
 
 
-def markdown(rows: list[dict[str, Any]], summary: dict, env: dict[str, Any]) -> str:
+def markdown(rows: list[dict[str, Any]], summary: dict, env: dict[str, Any], best: list[dict[str, Any]]) -> str:
     s = env["settings"]
     cpu = s["device"] == "cpu"
     head = [
@@ -603,7 +601,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict, env: dict[str, Any]) -> 
         cells += [_fmt(r[k]) for k in ("fwdbwd_vs_reference", "adapter_vs_reference")]
         cells += [_fmt(r["peak_mib"], 1), _fmt(r["extra_peak_vs_peft_lora_mib"], 1)]
         table.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(head + table + _tiles_table(best_tiles(rows))) + "\n"
+    return "\n".join(head + table + _tiles_table(best)) + "\n"
 
 
 def _json_safe(value: Any) -> Any:
@@ -627,10 +625,11 @@ def write_outputs(out_dir: Path, rows: list[dict], summary: dict, env: dict) -> 
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out_dir / f"{STEM}.csv", buf.getvalue())
-    payload = _json_safe({**env, "summary": summary, "best_tiles": best_tiles(rows), "rows": rows})
+    best = best_tiles(rows)
+    payload = _json_safe({**env, "summary": summary, "best_tiles": best, "rows": rows})
     write_text_atomic(out_dir / f"{STEM}.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     md_path = out_dir / f"{STEM}.md"
-    write_text_atomic(md_path, markdown(rows, summary, env))
+    write_text_atomic(md_path, markdown(rows, summary, env, best))
     return md_path
 
 
